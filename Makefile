@@ -1,0 +1,60 @@
+# The two commands of the README: `make demo` and `make test`. Each sets up everything it needs.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEMO   := examples/digits/out
+DIST   := dist
+
+.PHONY: demo test lint typecheck pytest fast-test venv system-deps bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { echo "Python >= 3.10 needed"; exit 1; }
+	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { $(MAKE) --no-print-directory system-venv && $(PYTHON) -m venv $(VENV); }
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[host,agent,fleet,dev]'
+	@touch $(STAMP)
+
+# Debian/Ubuntu packages: python3-venv when venv is missing, mosquitto for the MQTT tests.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+system-venv:
+	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-venv
+
+system-deps:
+	@command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || \
+	  { echo "installing mosquitto (apt)"; $(SUDO) apt-get update -qq && \
+	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto; }
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test: $(STAMP) system-deps lint typecheck pytest
+
+fast-test: $(STAMP)
+	$(BIN)/python -m pytest -q -m 'not slow'
+
+$(DEMO)/digits.keras: $(STAMP) examples/digits/train.py
+	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python examples/digits/train.py --out $(DEMO)
+
+demo: $(DEMO)/digits.keras
+	@[ -f $(DIST)/keys/signing.key ] || $(BIN)/edgeops keys init --dir $(DIST)/keys
+	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/edgeops build $(DEMO)/digits.keras \
+	  --profile rpi4 --profile x86-gateway --profile coral-edgetpu --profile ios --profile android-arm64 \
+	  --calib $(DEMO)/calib.npz --eval $(DEMO)/eval.npz --key $(DIST)/keys/signing.key \
+	  --version 1.0.0 --out $(DIST)/digits
+	@for f in $(DIST)/digits/*.edgeops; do $(BIN)/edgeops verify $$f --pubkey $(DIST)/keys/signing.pub; done
+	@echo "report: $(DIST)/digits/report.html (and report.json)"
+
+bench: $(DEMO)/digits.keras
+	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python benchmarks/compile_bench.py
+
+clean:
+	rm -rf $(DIST) $(DEMO) .pytest_cache .mypy_cache .ruff_cache
