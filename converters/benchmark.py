@@ -59,7 +59,7 @@ def run(ctx: PassContext, state: ModelState, cfg: BenchmarkConfig) -> ModelState
     if missing:
         ctx.outcome.notes.append(f"host latency on CPU ({ctx.host_threads} threads); device delegates "
                                  f"{', '.join(missing)} not available on the build host")
-    wanted = ctx.profile.execution_providers[0] if ctx.profile.execution_providers else None
+    wanted = ctx.profile.execution_providers[0] if ctx.profile.format == "onnx" else None
     if wanted and backend.providers_used and backend.providers_used[0] != wanted:
         ctx.outcome.notes.append(f"{wanted} not available here: validated and timed with {backend.providers_used[0]}")
     return state

@@ -102,7 +102,7 @@ def _check_shapes(feeds: dict[str, np.ndarray], inputs: Sequence[TensorSpec], ro
         expected = ("N", *spec.shape[1:])
         ok = arr.ndim == len(spec.shape) and all(e is None or e == g for e, g in zip(spec.shape[1:], arr.shape[1:]))
         if not ok:
-            shown = tuple("?" if d is None else d for d in expected)
+            shown = "(" + ", ".join("?" if d is None else str(d) for d in expected) + ")"
             raise DataError(
                 f"{role} data for input {spec.name!r} has shape {tuple(arr.shape)}, the model expects {shown}"
             )

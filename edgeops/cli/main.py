@@ -37,6 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EdgeopsError as exc:
         print(f"edgeops: error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # output piped into `head` and closed early
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("edgeops: interrupted", file=sys.stderr)
         return 130
