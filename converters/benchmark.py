@@ -41,8 +41,12 @@ def measure_latency(runner: ModelRunner, sample: dict[str, np.ndarray], cfg: Ben
         runner.run(sample)
         times.append((time.perf_counter() - t0) * 1e3)
     arr = np.array(times)
-    return {"p50": round(float(np.percentile(arr, 50)), 4), "p95": round(float(np.percentile(arr, 95)), 4),
-            "mean": round(float(arr.mean()), 4), "runs": float(len(times))}
+    return {
+        "p50": round(float(np.percentile(arr, 50)), 4),
+        "p95": round(float(np.percentile(arr, 95)), 4),
+        "mean": round(float(arr.mean()), 4),
+        "runs": float(len(times)),
+    }
 
 
 @register("benchmark", BenchmarkConfig, "measure host latency p50/p95 in the profile's runtime")
@@ -50,15 +54,18 @@ def run(ctx: PassContext, state: ModelState, cfg: BenchmarkConfig) -> ModelState
     if state.fmt is ModelFormat.COREML:
         ctx.outcome.notes.append("latency not measured: Core ML runs only on Apple hardware")
         return state
-    backend = open_model(state.path, str(state.fmt), threads=ctx.host_threads,
-                         providers=ctx.profile.execution_providers)
+    backend = open_model(
+        state.path, str(state.fmt), threads=ctx.host_threads, providers=ctx.profile.execution_providers
+    )
     runner = ModelRunner(backend, transpose=state.input_transpose)
     sample = {k: v[:1] for k, v in ctx.eval.feeds.items()}
     ctx.outcome.latency_ms = measure_latency(runner, sample, cfg)
     missing = [d for d in ctx.profile.delegates if d not in HOST_DELEGATES]
     if missing:
-        ctx.outcome.notes.append(f"host latency on CPU ({ctx.host_threads} threads); device delegates "
-                                 f"{', '.join(missing)} not available on the build host")
+        ctx.outcome.notes.append(
+            f"host latency on CPU ({ctx.host_threads} threads); device delegates "
+            f"{', '.join(missing)} not available on the build host"
+        )
     wanted = ctx.profile.execution_providers[0] if ctx.profile.format == "onnx" else None
     if wanted and backend.providers_used and backend.providers_used[0] != wanted:
         ctx.outcome.notes.append(f"{wanted} not available here: validated and timed with {backend.providers_used[0]}")

@@ -81,12 +81,26 @@ def run(ctx: PassContext, state: ModelState, cfg: ConvertConfig) -> ModelState:
         from converters.tflite_backend import tf_to_tflite
 
         out = ctx.workdir / "model_fp32.tflite"
-        tf_to_tflite(state.tf_source, state.tf_source_fmt, out, precision=Precision.FP32, input_shapes=shapes,
-                     allow_select_tf_ops=cfg.allow_select_tf_ops, profile=ctx.profile.name)
+        tf_to_tflite(
+            state.tf_source,
+            state.tf_source_fmt,
+            out,
+            precision=Precision.FP32,
+            input_shapes=shapes,
+            allow_select_tf_ops=cfg.allow_select_tf_ops,
+            profile=ctx.profile.name,
+        )
         return replace(state, fmt=ModelFormat.TFLITE, path=out, precision=Precision.FP32)
     from converters.coreml_backend import tf_to_coreml
 
     out = ctx.workdir / "model_fp16.mlpackage"
-    tf_to_coreml(state.tf_source, state.tf_source_fmt, out, precision=Precision.FP16, input_shapes=shapes,
-                 minimum_deployment_target=cfg.minimum_deployment_target, profile=ctx.profile.name)
+    tf_to_coreml(
+        state.tf_source,
+        state.tf_source_fmt,
+        out,
+        precision=Precision.FP16,
+        input_shapes=shapes,
+        minimum_deployment_target=cfg.minimum_deployment_target,
+        profile=ctx.profile.name,
+    )
     return replace(state, fmt=ModelFormat.COREML, path=out, precision=Precision.FP16)

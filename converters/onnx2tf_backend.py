@@ -57,9 +57,7 @@ class OnnxToTf:
     output_names: tuple[str, ...]  # signature output keys, in ONNX graph output order
 
 
-def onnx_to_saved_model(
-    onnx_path: Path, out_dir: Path, *, input_shapes: Mapping[str, tuple[int, ...]]
-) -> OnnxToTf:
+def onnx_to_saved_model(onnx_path: Path, out_dir: Path, *, input_shapes: Mapping[str, tuple[int, ...]]) -> OnnxToTf:
     """Convert an ONNX model to a channel-last TF SavedModel at ``out_dir/saved_model``.
 
     ``input_shapes`` gives static shapes in the ONNX model's own layout for inputs with dynamic dims (a shape
@@ -83,9 +81,7 @@ def onnx_to_saved_model(
     tf_inputs = [np.transpose(feeds[n], p) for n, p in zip(onnx_in, perms, strict=True)]
     out_perms = _match_outputs(keras_model, tf_inputs, reference, onnx_out)
     target = _save(keras_model, Path(out_dir), in_names, out_names, out_perms)
-    transposes = {
-        name: perm for name, perm in zip(in_names, perms, strict=True) if perm != tuple(range(len(perm)))
-    }
+    transposes = {name: perm for name, perm in zip(in_names, perms, strict=True) if perm != tuple(range(len(perm)))}
     return OnnxToTf(target, transposes, tuple(in_names), tuple(out_names))
 
 
@@ -112,9 +108,7 @@ def _graph_inputs(model: onnx.ModelProto) -> list[Any]:
     return [i for i in model.graph.input if i.name not in weights]
 
 
-def _static_shapes(
-    model: onnx.ModelProto, given: Mapping[str, tuple[int, ...]]
-) -> dict[str, tuple[int, ...]]:
+def _static_shapes(model: onnx.ModelProto, given: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
     """Resolve every input to a static shape; raises ``DataError`` naming the input that does not fit."""
     inputs = _graph_inputs(model)
     unknown = sorted(set(given) - {i.name for i in inputs})
@@ -288,7 +282,14 @@ def _signature_names(names: Sequence[str]) -> list[str]:
 
 
 _NP_TYPES: dict[int, type[np.generic]] = {  # onnx.TensorProto element type -> numpy
-    1: np.float32, 2: np.uint8, 3: np.int8, 6: np.int32, 7: np.int64, 9: np.bool_, 10: np.float16, 11: np.float64,
+    1: np.float32,
+    2: np.uint8,
+    3: np.int8,
+    6: np.int32,
+    7: np.int64,
+    9: np.bool_,
+    10: np.float16,
+    11: np.float64,
 }
 
 
@@ -300,8 +301,10 @@ def _random_feeds(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]])
         dtype = _NP_TYPES.get(inp.type.tensor_type.elem_type)
         if dtype is None:
             raise BuildError(f"input {inp.name!r} has ONNX element type {inp.type.tensor_type.elem_type}, not fed")
-        feeds[inp.name] = rng.random(shapes[inp.name]).astype(dtype) if np.dtype(dtype).kind == "f" else (
-            rng.integers(0, 2, shapes[inp.name]).astype(dtype)
+        feeds[inp.name] = (
+            rng.random(shapes[inp.name]).astype(dtype)
+            if np.dtype(dtype).kind == "f"
+            else (rng.integers(0, 2, shapes[inp.name]).astype(dtype))
         )
     return feeds
 
@@ -342,9 +345,7 @@ def _match_outputs(
     return perms
 
 
-def _try_layouts(
-    arr: np.ndarray, ref: np.ndarray, tol: float, perms: list[tuple[int, ...] | None]
-) -> str | None:
+def _try_layouts(arr: np.ndarray, ref: np.ndarray, tol: float, perms: list[tuple[int, ...] | None]) -> str | None:
     """Append the layout fix for ``arr`` to ``perms``; return why none fits, or ``None`` on success."""
     candidates: list[tuple[int, ...] | None] = [None]
     channel_last = _CHANNEL_LAST.get(arr.ndim)

@@ -30,8 +30,18 @@ from edgeops.runtime import open_model
 
 __all__ = ["PackageConfig", "npy_bytes", "toolchain_versions"]
 
-TOOLCHAIN = ("edgeops", "numpy", "tensorflow", "keras", "tf2onnx", "onnx2tf", "onnx", "onnxruntime",
-             "ai-edge-litert", "coremltools")
+TOOLCHAIN = (
+    "edgeops",
+    "numpy",
+    "tensorflow",
+    "keras",
+    "tf2onnx",
+    "onnx2tf",
+    "onnx",
+    "onnxruntime",
+    "ai-edge-litert",
+    "coremltools",
+)
 
 
 @dataclass(frozen=True)
@@ -70,16 +80,20 @@ def _model_files(ctx: PassContext, state: ModelState, cfg: PackageConfig) -> tup
 def _edgetpu(ctx: PassContext, model: Path) -> bytes:
     compiler = shutil.which("edgetpu_compiler")
     if compiler is None:
-        ctx.outcome.notes.append("not Edge-TPU compiled: edgetpu_compiler is not installed (the artifact is the "
-                                 "int8 model; it runs on the Edge TPU only after compilation, on the CPU as is)")
+        ctx.outcome.notes.append(
+            "not Edge-TPU compiled: edgetpu_compiler is not installed (the artifact is the "
+            "int8 model; it runs on the Edge TPU only after compilation, on the CPU as is)"
+        )
         return model.read_bytes()
     out_dir = ctx.workdir / "edgetpu"
     out_dir.mkdir(exist_ok=True)
     proc = subprocess.run([compiler, "-s", "-o", str(out_dir), str(model)], capture_output=True, text=True, check=False)
     compiled = out_dir / f"{model.stem}_edgetpu.tflite"
     if proc.returncode != 0 or not compiled.is_file():
-        raise BuildError(f"profile {ctx.profile.name}: edgetpu_compiler failed: {proc.stderr.strip()[:300]}",
-                         profile=ctx.profile.name)
+        raise BuildError(
+            f"profile {ctx.profile.name}: edgetpu_compiler failed: {proc.stderr.strip()[:300]}",
+            profile=ctx.profile.name,
+        )
     ctx.outcome.notes.append("Edge-TPU compiled with edgetpu_compiler")
     return compiled.read_bytes()
 
@@ -89,9 +103,12 @@ def _schema(ctx: PassContext, state: ModelState) -> tuple[list[TensorInfo], list
         from converters.coreml_backend import check_coreml
 
         check = check_coreml(state.path)
-        mk = [TensorInfo(t.name, [d if d is not None else -1 for d in t.shape], "float32", t.dtype) for t in check.inputs]
-        return mk, [TensorInfo(t.name, [d if d is not None else -1 for d in t.shape], "float32", t.dtype)
-                    for t in check.outputs]
+        mk = [
+            TensorInfo(t.name, [d if d is not None else -1 for d in t.shape], "float32", t.dtype) for t in check.inputs
+        ]
+        return mk, [
+            TensorInfo(t.name, [d if d is not None else -1 for d in t.shape], "float32", t.dtype) for t in check.outputs
+        ]
     backend = open_model(state.path, str(state.fmt), threads=1)
     layouts = {s.name: s.layout for s in ctx.source.inputs}
 
@@ -102,8 +119,16 @@ def _schema(ctx: PassContext, state: ModelState) -> tuple[list[TensorInfo], list
             inverse = [perm.index(i) for i in range(len(perm))]
             shape = [shape[i] for i in inverse]
         dtype = "float32" if d.scale is not None else d.dtype
-        return TensorInfo(d.name, shape, dtype, d.dtype, layouts.get(d.name) if is_input else None, d.scale,
-                          d.zero_point, list(perm) if perm is not None else None)
+        return TensorInfo(
+            d.name,
+            shape,
+            dtype,
+            d.dtype,
+            layouts.get(d.name) if is_input else None,
+            d.scale,
+            d.zero_point,
+            list(perm) if perm is not None else None,
+        )
 
     return [info(d, True) for d in backend.inputs], [info(d, False) for d in backend.outputs]
 
@@ -135,18 +160,37 @@ def run(ctx: PassContext, state: ModelState, cfg: PackageConfig) -> ModelState:
     p, o = ctx.profile, ctx.outcome
     o.files = files
     o.manifest = Manifest(
-        name=ctx.name, version=ctx.version, profile=p.name, format=p.format, precision=str(state.precision),
-        runtime=p.runtime, model_file=model_file, inputs=inputs, outputs=outputs,
+        name=ctx.name,
+        version=ctx.version,
+        profile=p.name,
+        format=p.format,
+        precision=str(state.precision),
+        runtime=p.runtime,
+        model_file=model_file,
+        inputs=inputs,
+        outputs=outputs,
         files=[FileEntry(n, hashlib.sha256(b).hexdigest(), len(b)) for n, b in sorted(files.items())],
         source={"file": ctx.source.path.name, "format": str(ctx.source.fmt), "sha256": ctx.source.sha256},
-        data={"calib_sha256": ctx.calib.sha256 if ctx.calib else None, "eval_sha256": ctx.eval.sha256,
-              "train_sha256": ctx.train.sha256 if ctx.train else None},
+        data={
+            "calib_sha256": ctx.calib.sha256 if ctx.calib else None,
+            "eval_sha256": ctx.eval.sha256,
+            "train_sha256": ctx.train.sha256 if ctx.train else None,
+        },
         toolchain=toolchain_versions(),
-        runtime_config={"threads": p.threads, "delegates": list(p.delegates),
-                        "execution_providers": list(p.execution_providers)},
+        runtime_config={
+            "threads": p.threads,
+            "delegates": list(p.delegates),
+            "execution_providers": list(p.execution_providers),
+        },
         recipe=_recipe(ctx),
-        gate={"metrics": o.metrics, "budgets": dataclasses.asdict(p.budgets), "executed": o.executed,
-              "sparsity": o.sparsity, "notes": list(o.notes)},
-        golden=golden, drift=o.drift,
+        gate={
+            "metrics": o.metrics,
+            "budgets": dataclasses.asdict(p.budgets),
+            "executed": o.executed,
+            "sparsity": o.sparsity,
+            "notes": list(o.notes),
+        },
+        golden=golden,
+        drift=o.drift,
     )
     return state

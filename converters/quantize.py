@@ -32,12 +32,15 @@ class QuantizeConfig:
 
 def _calib(ctx: PassContext, cfg: QuantizeConfig, state: ModelState, *, tf_layout: bool) -> dict[str, np.ndarray]:
     if ctx.calib is None:
-        raise DataError(f"profile {ctx.profile.name}: {ctx.profile.precision} needs calibration data (--calib)",
-                        profile=ctx.profile.name)
+        raise DataError(
+            f"profile {ctx.profile.name}: {ctx.profile.precision} needs calibration data (--calib)",
+            profile=ctx.profile.name,
+        )
     feeds = ctx.calib.head(cfg.max_calib_samples).feeds
     if tf_layout:
-        feeds = {k: np.transpose(v, state.input_transpose[k]) if k in state.input_transpose else v
-                 for k, v in feeds.items()}
+        feeds = {
+            k: np.transpose(v, state.input_transpose[k]) if k in state.input_transpose else v for k, v in feeds.items()
+        }
     return dict(feeds)
 
 
@@ -48,9 +51,17 @@ def _tflite(ctx: PassContext, state: ModelState, cfg: QuantizeConfig, precision:
         raise RuntimeError("quantize: convert did not leave a TensorFlow graph")
     calib = _calib(ctx, cfg, state, tf_layout=True) if precision.needs_calibration else None
     out = ctx.workdir / f"model_{precision}.tflite"
-    tf_to_tflite(state.tf_source, state.tf_source_fmt, out, precision=precision, calib=calib,
-                 per_channel=cfg.per_channel, int8_io=cfg.int8_io, input_shapes=tf_input_shapes(ctx, state),
-                 profile=ctx.profile.name)
+    tf_to_tflite(
+        state.tf_source,
+        state.tf_source_fmt,
+        out,
+        precision=precision,
+        calib=calib,
+        per_channel=cfg.per_channel,
+        int8_io=cfg.int8_io,
+        input_shapes=tf_input_shapes(ctx, state),
+        profile=ctx.profile.name,
+    )
     return replace(state, path=out, precision=precision)
 
 
@@ -63,8 +74,13 @@ def _onnx(ctx: PassContext, state: ModelState, cfg: QuantizeConfig, precision: P
     elif precision is Precision.INT8_DYNAMIC:
         onnx_backend.onnx_quantize_dynamic(state.path, out, per_channel=cfg.per_channel)
     else:
-        onnx_backend.onnx_quantize_static(state.path, out, _calib(ctx, cfg, state, tf_layout=False),
-                                          method=cfg.calibration_method, per_channel=cfg.per_channel)
+        onnx_backend.onnx_quantize_static(
+            state.path,
+            out,
+            _calib(ctx, cfg, state, tf_layout=False),
+            method=cfg.calibration_method,
+            per_channel=cfg.per_channel,
+        )
     onnx_backend.check_onnx_runnable(out, providers=("CPUExecutionProvider",), profile=ctx.profile.name)
     return replace(state, path=out, precision=precision)
 
@@ -75,12 +91,19 @@ def _coreml(ctx: PassContext, state: ModelState, precision: Precision) -> ModelS
 
     if state.tf_source is None or state.tf_source_fmt is None:
         raise RuntimeError("quantize: convert did not leave a TensorFlow graph")
-    target = ctx.profile.pass_options.get("convert", {}).get("minimum_deployment_target",
-                                                             ConvertConfig.minimum_deployment_target)
+    target = ctx.profile.pass_options.get("convert", {}).get(
+        "minimum_deployment_target", ConvertConfig.minimum_deployment_target
+    )
     out = ctx.workdir / f"model_{precision}.mlpackage"
-    tf_to_coreml(state.tf_source, state.tf_source_fmt, out, precision=precision,
-                 input_shapes=tf_input_shapes(ctx, state), minimum_deployment_target=target,
-                 profile=ctx.profile.name)
+    tf_to_coreml(
+        state.tf_source,
+        state.tf_source_fmt,
+        out,
+        precision=precision,
+        input_shapes=tf_input_shapes(ctx, state),
+        minimum_deployment_target=target,
+        profile=ctx.profile.name,
+    )
     return replace(state, path=out, precision=precision)
 
 

@@ -40,8 +40,11 @@ def run(ctx: PassContext, state: ModelState, cfg: SignConfig) -> ModelState:
     data = pack_artifact(manifest, sign_manifest(manifest, ctx.signing_key), o.files)
     limit = ctx.profile.budgets.artifact_size_mb
     if limit is not None and len(data) > limit * MIB:
-        raise GateFailure(f"profile {ctx.profile.name}: artifact size {len(data) / MIB:.2f} MiB > budget {limit} MiB",
-                          profile=ctx.profile.name, figure="size_bytes")
+        raise GateFailure(
+            f"profile {ctx.profile.name}: artifact size {len(data) / MIB:.2f} MiB > budget {limit} MiB",
+            profile=ctx.profile.name,
+            figure="size_bytes",
+        )
     o.size_bytes = len(data)
     o.size_zstd_bytes = len(zstandard.ZstdCompressor(level=10).compress(data))
     path = ctx.out_dir / artifact_name(ctx.name, ctx.version, ctx.profile.name)

@@ -8,7 +8,6 @@ or raises :class:`DataError` naming the input.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import zipfile
 from collections.abc import Mapping
@@ -41,7 +40,9 @@ def detect_format(path: Path) -> ModelFormat:
         return ModelFormat.KERAS
     if suffix == ".onnx":
         return ModelFormat.ONNX
-    raise ModelLoadError(f"unknown model format {suffix or path.name!r}: expected .keras, .onnx or a SavedModel directory")
+    raise ModelLoadError(
+        f"unknown model format {suffix or path.name!r}: expected .keras, .onnx or a SavedModel directory"
+    )
 
 
 def _quiet_tf() -> None:
@@ -77,7 +78,10 @@ class SourceModel:
             values = self.handle.run([o.name for o in self.outputs], dict(feeds))
             return {o.name: np.asarray(v) for o, v in zip(self.outputs, values)}
         if self.fmt is ModelFormat.KERAS:
-            out = self.handle([feeds[i.name] for i in self.inputs] if len(self.inputs) > 1 else feeds[self.inputs[0].name], training=False)
+            out = self.handle(
+                [feeds[i.name] for i in self.inputs] if len(self.inputs) > 1 else feeds[self.inputs[0].name],
+                training=False,
+            )
             outs = out if isinstance(out, (list, tuple)) else [out]
             return {o.name: np.asarray(v) for o, v in zip(self.outputs, outs)}
         import tensorflow as tf
@@ -97,7 +101,9 @@ def _load_keras(path: Path) -> SourceModel:
     try:
         model = keras.models.load_model(path, compile=False)
     except (ValueError, OSError, zipfile.BadZipFile, KeyError, TypeError) as exc:
-        raise ModelLoadError(f"cannot load Keras model {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise ModelLoadError(
+            f"cannot load Keras model {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
     inputs = tuple(TensorSpec(t.name, _dims(t.shape), str(t.dtype)) for t in model.inputs)
     names = list(getattr(model, "output_names", None) or [f"output_{i}" for i in range(len(model.outputs))])
     outputs = tuple(TensorSpec(n, _dims(t.shape), str(t.dtype)) for n, t in zip(names, model.outputs))
@@ -120,8 +126,15 @@ def _load_savedmodel(path: Path) -> SourceModel:
     return SourceModel(path, ModelFormat.SAVEDMODEL, inputs, outputs, fn)
 
 
-_ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
-               "tensor(int32)": "int32", "tensor(uint8)": "uint8", "tensor(int8)": "int8", "tensor(double)": "float64"}
+_ORT_DTYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(uint8)": "uint8",
+    "tensor(int8)": "int8",
+    "tensor(double)": "float64",
+}
 
 
 def _load_onnx(path: Path) -> SourceModel:
@@ -136,10 +149,13 @@ def _load_onnx(path: Path) -> SourceModel:
 
     def spec(a: Any) -> TensorSpec:
         layout = "NCHW" if len(a.shape) == 4 and a.shape[1] in (1, 3) else None
-        return TensorSpec(a.name, tuple(d if isinstance(d, int) else None for d in a.shape),
-                          _ORT_DTYPES.get(a.type, a.type), layout)
+        return TensorSpec(
+            a.name, tuple(d if isinstance(d, int) else None for d in a.shape), _ORT_DTYPES.get(a.type, a.type), layout
+        )
 
-    return SourceModel(path, ModelFormat.ONNX, tuple(map(spec, sess.get_inputs())), tuple(map(spec, sess.get_outputs())), sess)
+    return SourceModel(
+        path, ModelFormat.ONNX, tuple(map(spec, sess.get_inputs())), tuple(map(spec, sess.get_outputs())), sess
+    )
 
 
 def load_source(path: Path) -> SourceModel:

@@ -49,11 +49,19 @@ _NOT_QUANTIZABLE_RE = re.compile(r"[Qq]uantization not yet supported for op: '?(
 _STAGED = "staged"  # folder name of the static SavedModel inside the work dir
 
 
-def tf_to_tflite(tf_source: Path, source_fmt: ModelFormat, out: Path, *, precision: Precision,
-                 calib: Feeds | None = None, per_channel: bool = True, int8_io: bool = False,
-                 allow_select_tf_ops: bool = False,
-                 input_shapes: Mapping[str, tuple[int, ...]] | None = None,
-                 profile: str | None = None) -> None:
+def tf_to_tflite(
+    tf_source: Path,
+    source_fmt: ModelFormat,
+    out: Path,
+    *,
+    precision: Precision,
+    calib: Feeds | None = None,
+    per_channel: bool = True,
+    int8_io: bool = False,
+    allow_select_tf_ops: bool = False,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    profile: str | None = None,
+) -> None:
     """Convert ``tf_source`` to a static-shape TFLite model at ``precision`` and write it to ``out``.
 
     ``precision``: FP32; FP16 (float16 weights, float compute fallback); INT8_DYNAMIC (int8 weights,
@@ -115,19 +123,22 @@ def _one_line(exc: BaseException) -> str:
 # --- staging: any source → SavedModel with a static serving_default -------------------------------------
 
 
-def _stage(src: Path, fmt: ModelFormat, staged: Path, input_shapes: Mapping[str, tuple[int, ...]] | None,
-           profile: str | None) -> list[TensorSpec]:
+def _stage(
+    src: Path, fmt: ModelFormat, staged: Path, input_shapes: Mapping[str, tuple[int, ...]] | None, profile: str | None
+) -> list[TensorSpec]:
     """Write ``src`` as a SavedModel with a static ``serving_default``; return its (static) input specs."""
     if fmt is ModelFormat.KERAS:
         return _stage_keras(src, staged, input_shapes, profile)
     if fmt is ModelFormat.SAVEDMODEL:
         return _stage_savedmodel(src, staged, input_shapes, profile)
-    raise ModelLoadError(f"TFLite conversion starts from a Keras or SavedModel source, not {fmt.value}",
-                         profile=profile)
+    raise ModelLoadError(
+        f"TFLite conversion starts from a Keras or SavedModel source, not {fmt.value}", profile=profile
+    )
 
 
-def _stage_keras(src: Path, staged: Path, input_shapes: Mapping[str, tuple[int, ...]] | None,
-                 profile: str | None) -> list[TensorSpec]:
+def _stage_keras(
+    src: Path, staged: Path, input_shapes: Mapping[str, tuple[int, ...]] | None, profile: str | None
+) -> list[TensorSpec]:
     import keras
     import tensorflow as tf
 
@@ -151,14 +162,14 @@ def _stage_keras(src: Path, staged: Path, input_shapes: Mapping[str, tuple[int, 
 
     archive = keras.export.ExportArchive()
     archive.track(model)
-    archive.add_endpoint("serving_default", serve,
-                         [tf.TensorSpec(s.shape, s.dtype, name=s.name) for s in specs])
+    archive.add_endpoint("serving_default", serve, [tf.TensorSpec(s.shape, s.dtype, name=s.name) for s in specs])
     archive.write_out(str(staged), verbose=False)
     return specs
 
 
-def _stage_savedmodel(src: Path, staged: Path, input_shapes: Mapping[str, tuple[int, ...]] | None,
-                      profile: str | None) -> list[TensorSpec]:
+def _stage_savedmodel(
+    src: Path, staged: Path, input_shapes: Mapping[str, tuple[int, ...]] | None, profile: str | None
+) -> list[TensorSpec]:
     import tensorflow as tf
 
     try:
@@ -183,14 +194,17 @@ def _stage_savedmodel(src: Path, staged: Path, input_shapes: Mapping[str, tuple[
     return specs
 
 
-def _static_specs(source: list[TensorSpec], input_shapes: Mapping[str, tuple[int, ...]] | None,
-                  profile: str | None) -> list[TensorSpec]:
+def _static_specs(
+    source: list[TensorSpec], input_shapes: Mapping[str, tuple[int, ...]] | None, profile: str | None
+) -> list[TensorSpec]:
     """Fix every dimension of ``source``: ``input_shapes`` first, then batch 1; raise DataError otherwise."""
     given = dict(input_shapes or {})
     unknown = sorted(set(given) - {s.name for s in source})
     if unknown:
-        raise DataError(f"input_shapes names unknown input(s) {unknown}; the model's inputs are "
-                        f"{[s.name for s in source]}", profile=profile)
+        raise DataError(
+            f"input_shapes names unknown input(s) {unknown}; the model's inputs are {[s.name for s in source]}",
+            profile=profile,
+        )
     result = []
     for spec in source:
         shape = _static_shape(spec, given.get(spec.name), profile)
@@ -202,15 +216,20 @@ def _static_shape(spec: TensorSpec, given: tuple[int, ...] | None, profile: str 
     if given is not None:
         given = tuple(int(d) for d in given)
         fits = len(given) == len(spec.shape) and all(
-            d > 0 and (s is None or s == d) for s, d in zip(spec.shape, given, strict=True))
+            d > 0 and (s is None or s == d) for s, d in zip(spec.shape, given, strict=True)
+        )
         if not fits:
-            raise DataError(f"input {spec.name!r}: shape {given} does not fit the model's {_fmt(spec.shape)}",
-                            profile=profile)
+            raise DataError(
+                f"input {spec.name!r}: shape {given} does not fit the model's {_fmt(spec.shape)}", profile=profile
+            )
         return given
     shape = tuple(1 if i == 0 and d is None else d for i, d in enumerate(spec.shape))
     if any(d is None for d in shape):
-        raise DataError(f"input {spec.name!r} has dynamic dimensions {_fmt(spec.shape)}; give its full static "
-                        f"shape (e.g. --input-shape {spec.name}=1,...)", profile=profile)
+        raise DataError(
+            f"input {spec.name!r} has dynamic dimensions {_fmt(spec.shape)}; give its full static "
+            f"shape (e.g. --input-shape {spec.name}=1,...)",
+            profile=profile,
+        )
     return tuple(int(d) for d in shape if d is not None)
 
 
@@ -221,8 +240,7 @@ def _fmt(shape: tuple[int | None, ...]) -> str:
 # --- calibration -------------------------------------------------------------------------------------------
 
 
-def _calibration_samples(calib: Feeds | None, specs: list[TensorSpec],
-                         profile: str | None) -> dict[str, np.ndarray]:
+def _calibration_samples(calib: Feeds | None, specs: list[TensorSpec], profile: str | None) -> dict[str, np.ndarray]:
     """Check ``calib`` against the static inputs; return at most MAX_CALIB_SAMPLES samples per input.
 
     A single-input model also accepts a single array under any key (the ``x`` of a calibration ``.npz``).
@@ -235,18 +253,24 @@ def _calibration_samples(calib: Feeds | None, specs: list[TensorSpec],
     chosen: dict[str, np.ndarray] = {}
     for spec in specs:
         if spec.name not in feeds:
-            raise DataError(f"calibration data has no array for input {spec.name!r} "
-                            f"(it has {sorted(feeds)})", profile=profile)
+            raise DataError(
+                f"calibration data has no array for input {spec.name!r} (it has {sorted(feeds)})", profile=profile
+            )
         arr = np.asarray(feeds[spec.name])
         expected = tuple(spec.shape[1:])
         if arr.ndim < 1 or tuple(arr.shape[1:]) != expected or arr.shape[0] == 0:
-            raise DataError(f"calibration data for input {spec.name!r}: expected samples of shape {expected}, "
-                            f"got array of shape {tuple(arr.shape)}", profile=profile)
+            raise DataError(
+                f"calibration data for input {spec.name!r}: expected samples of shape {expected}, "
+                f"got array of shape {tuple(arr.shape)}",
+                profile=profile,
+            )
         chosen[spec.name] = arr[:MAX_CALIB_SAMPLES].astype(spec.dtype, copy=False)
     counts = {len(a) for a in chosen.values()}
     if len(counts) != 1:
-        raise DataError(f"calibration arrays hold different numbers of samples: "
-                        f"{ {k: len(a) for k, a in chosen.items()} }", profile=profile)
+        raise DataError(
+            f"calibration arrays hold different numbers of samples: { {k: len(a) for k, a in chosen.items()} }",
+            profile=profile,
+        )
     return chosen
 
 
@@ -255,7 +279,7 @@ def _representative(samples: dict[str, np.ndarray]) -> Callable[[], Iterator[dic
 
     def gen() -> Iterator[dict[str, np.ndarray]]:
         for i in range(count):
-            yield {name: arr[i:i + 1] for name, arr in samples.items()}
+            yield {name: arr[i : i + 1] for name, arr in samples.items()}
 
     return gen
 
@@ -263,8 +287,15 @@ def _representative(samples: dict[str, np.ndarray]) -> Callable[[], Iterator[dic
 # --- conversion --------------------------------------------------------------------------------------------
 
 
-def _configure(tf: Any, converter: Any, precision: Precision, samples: dict[str, np.ndarray] | None,
-               per_channel: bool, int8_io: bool, allow_select_tf_ops: bool) -> None:
+def _configure(
+    tf: Any,
+    converter: Any,
+    precision: Precision,
+    samples: dict[str, np.ndarray] | None,
+    per_channel: bool,
+    int8_io: bool,
+    allow_select_tf_ops: bool,
+) -> None:
     builtins = tf.lite.OpsSet.TFLITE_BUILTINS
     if precision is not Precision.FP32:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -296,8 +327,9 @@ def _run_converter(converter: Any, profile: str | None) -> bytes:
         text = str(exc)
         match = _UNSUPPORTED_RE.search(text)
         if match:
-            raise UnsupportedOpError(match.group(1), profile=profile,
-                                     detail="not a TFLite builtin; Select TF ops are not allowed") from exc
+            raise UnsupportedOpError(
+                match.group(1), profile=profile, detail="not a TFLite builtin; Select TF ops are not allowed"
+            ) from exc
         raise BuildError(f"TFLite converter failed: {_converter_summary(text)}", profile=profile) from exc
     except RuntimeError as exc:  # the quantiser and calibrator raise RuntimeError
         match = _NOT_QUANTIZABLE_RE.search(str(exc))

@@ -30,14 +30,19 @@ class ValidateConfig:
     histogram_bins: int = field(default=10, metadata={"help": "bins of the drift reference histograms"})
 
 
-def gate_metrics(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray], labels: np.ndarray | None,
-                 ref_names: list[str]) -> dict[str, float | None]:
+def gate_metrics(
+    outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray], labels: np.ndarray | None, ref_names: list[str]
+) -> dict[str, float | None]:
     """Agreement/accuracy on the first output (when it has ≥ 2 classes), max abs error over all outputs."""
     got = list(outputs.values()) if list(outputs) != ref_names else [outputs[n] for n in ref_names]
     want = [reference[n] for n in ref_names]
     max_err = max(float(np.max(np.abs(g.astype(np.float64).reshape(w.shape) - w))) for g, w in zip(got, want))
-    metrics: dict[str, float | None] = {"agreement": None, "accuracy": None, "source_accuracy": None,
-                                        "max_abs_err": max_err}
+    metrics: dict[str, float | None] = {
+        "agreement": None,
+        "accuracy": None,
+        "source_accuracy": None,
+        "max_abs_err": max_err,
+    }
     first, ref = got[0].reshape(want[0].shape), want[0]
     if ref.ndim >= 2 and ref.shape[-1] >= 2:
         top, ref_top = first.reshape(len(first), -1).argmax(1), ref.reshape(len(ref), -1).argmax(1)
@@ -51,16 +56,25 @@ def gate_metrics(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray
 def _check_budgets(ctx: PassContext, m: dict[str, float | None]) -> None:
     b, name = ctx.profile.budgets, ctx.profile.name
     if m["agreement"] is not None and m["agreement"] < b.min_agreement:
-        raise GateFailure(f"profile {name}: top-1 agreement {m['agreement']:.4f} < budget {b.min_agreement}",
-                          profile=name, figure="agreement")
+        raise GateFailure(
+            f"profile {name}: top-1 agreement {m['agreement']:.4f} < budget {b.min_agreement}",
+            profile=name,
+            figure="agreement",
+        )
     if m["accuracy"] is not None and m["source_accuracy"] is not None:
         drop = 100.0 * (m["source_accuracy"] - m["accuracy"])
         if drop > b.max_accuracy_drop_pt:
-            raise GateFailure(f"profile {name}: accuracy drop {drop:.2f} pt > budget {b.max_accuracy_drop_pt} pt",
-                              profile=name, figure="accuracy")
+            raise GateFailure(
+                f"profile {name}: accuracy drop {drop:.2f} pt > budget {b.max_accuracy_drop_pt} pt",
+                profile=name,
+                figure="accuracy",
+            )
     if b.max_abs_err is not None and m["max_abs_err"] is not None and m["max_abs_err"] > b.max_abs_err:
-        raise GateFailure(f"profile {name}: max abs error {m['max_abs_err']:.4g} > budget {b.max_abs_err}",
-                          profile=name, figure="max_abs_err")
+        raise GateFailure(
+            f"profile {name}: max abs error {m['max_abs_err']:.4g} > budget {b.max_abs_err}",
+            profile=name,
+            figure="max_abs_err",
+        )
 
 
 def histogram(values: np.ndarray, bins: int) -> dict[str, list[float]]:
@@ -89,8 +103,9 @@ def _structural(ctx: PassContext, state: ModelState) -> None:
     want = {k: v for k, v in ctx.input_shapes.items()}
     got = {t.name: t.shape for t in check.inputs}
     if len(got) != len(want):
-        raise BuildError(f"profile {ctx.profile.name}: Core ML model has inputs {got}, expected {want}",
-                         profile=ctx.profile.name)
+        raise BuildError(
+            f"profile {ctx.profile.name}: Core ML model has inputs {got}, expected {want}", profile=ctx.profile.name
+        )
     ctx.outcome.executed = False
     ctx.outcome.metrics = {"agreement": None, "accuracy": None, "source_accuracy": None, "max_abs_err": None}
     ctx.outcome.notes.append(f"{check.note}; ops: {len(check.ops)}, weights {'/'.join(check.weight_dtypes)}")
@@ -101,8 +116,9 @@ def run(ctx: PassContext, state: ModelState, cfg: ValidateConfig) -> ModelState:
     if state.fmt is ModelFormat.COREML:
         _structural(ctx, state)
         return state
-    backend = open_model(state.path, str(state.fmt), threads=ctx.host_threads,
-                         providers=ctx.profile.execution_providers)
+    backend = open_model(
+        state.path, str(state.fmt), threads=ctx.host_threads, providers=ctx.profile.execution_providers
+    )
     runner = ModelRunner(backend, transpose=state.input_transpose)
     data = ctx.eval.head(cfg.max_samples)
     outputs = runner.run(data.feeds)

@@ -89,13 +89,23 @@ def _load_inputs(req: BuildRequest) -> _Inputs:
     return _Inputs(source, shapes, calib, evaluation, train, dict(reference))
 
 
-def _run_profile(req: BuildRequest, profile: Profile, inputs: _Inputs, key: object, progress: Progress) -> ProfileResult:
+def _run_profile(
+    req: BuildRequest, profile: Profile, inputs: _Inputs, key: object, progress: Progress
+) -> ProfileResult:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"edgeops-{profile.name}-") as work:
         ctx = PassContext(
-            profile=profile, source=inputs.source, input_shapes=inputs.shapes, calib=inputs.calib,
-            eval=inputs.eval, train=inputs.train, reference=inputs.reference,  # type: ignore[arg-type]
-            workdir=Path(work), out_dir=req.out_dir, name=req.name or inputs.source.name, version=req.version,
+            profile=profile,
+            source=inputs.source,
+            input_shapes=inputs.shapes,
+            calib=inputs.calib,
+            eval=inputs.eval,
+            train=inputs.train,
+            reference=inputs.reference,  # type: ignore[arg-type]
+            workdir=Path(work),
+            out_dir=req.out_dir,
+            name=req.name or inputs.source.name,
+            version=req.version,
             signing_key=key,  # type: ignore[arg-type]
         )
         state = ModelState(fmt=ModelFormat(inputs.source.fmt), path=inputs.source.path)
@@ -106,7 +116,9 @@ def _run_profile(req: BuildRequest, profile: Profile, inputs: _Inputs, key: obje
                 state = get_pass(name).run(ctx, state, make_config(name, profile.pass_options.get(name, {})))
                 ctx.outcome.pass_seconds[name] = round(time.perf_counter() - started, 3)
         except RuntimeUnavailable as exc:
-            return ProfileResult(profile, ctx.outcome, False, f"profile {profile.name}: {exc}", time.perf_counter() - t0)
+            return ProfileResult(
+                profile, ctx.outcome, False, f"profile {profile.name}: {exc}", time.perf_counter() - t0
+            )
         except BuildError as exc:
             reason = str(exc) if str(exc).startswith("profile ") else f"profile {profile.name}: {exc}"
             return ProfileResult(profile, ctx.outcome, False, reason, time.perf_counter() - t0)
@@ -114,7 +126,9 @@ def _run_profile(req: BuildRequest, profile: Profile, inputs: _Inputs, key: obje
         return ProfileResult(profile, ctx.outcome, True, None, time.perf_counter() - t0)
 
 
-def run_build(req: BuildRequest, progress: Progress = lambda profile, step: None) -> tuple[_Inputs, list[ProfileResult]]:
+def run_build(
+    req: BuildRequest, progress: Progress = lambda profile, step: None
+) -> tuple[_Inputs, list[ProfileResult]]:
     """Build every requested profile. Raises EdgeopsError for problems common to all profiles."""
     try:
         parse_semver(req.version)

@@ -54,7 +54,9 @@ def sha256_path(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _read_arrays(path: Path, inputs: Sequence[TensorSpec], role: str) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+def _read_arrays(
+    path: Path, inputs: Sequence[TensorSpec], role: str
+) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     try:
         if path.suffix == ".npy":
             return {inputs[0].name: np.load(path, allow_pickle=False)}, None
@@ -71,7 +73,9 @@ def _read_arrays(path: Path, inputs: Sequence[TensorSpec], role: str) -> tuple[d
     return {t.name: arrays[t.name] for t in inputs}, labels
 
 
-def _read_images(path: Path, inputs: Sequence[TensorSpec], role: str) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+def _read_images(
+    path: Path, inputs: Sequence[TensorSpec], role: str
+) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     from PIL import Image
 
     if len(inputs) != 1 or len(inputs[0].shape) != 4:
@@ -87,8 +91,8 @@ def _read_images(path: Path, inputs: Sequence[TensorSpec], role: str) -> tuple[d
         raise DataError(f"{role} data {path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found")
     batch = []
     for f in files:
-        with Image.open(f) as img:
-            img = img.convert("L" if c == 1 else "RGB").resize((int(w), int(h)), Image.Resampling.BILINEAR)  # type: ignore[arg-type]
+        with Image.open(f) as opened:
+            img = opened.convert("L" if c == 1 else "RGB").resize((int(w), int(h)), Image.Resampling.BILINEAR)  # type: ignore[arg-type]
             arr = np.asarray(img, dtype=np.float32) / 255.0
         arr = arr[..., None] if arr.ndim == 2 else arr
         batch.append(arr.transpose(2, 0, 1) if nchw else arr)
@@ -127,5 +131,7 @@ def load_dataset(path: Path, inputs: Sequence[TensorSpec], *, role: str) -> Data
     feeds = {k: v.astype(np.float32) if v.dtype.kind == "f" else v for k, v in feeds.items()}
     _check_shapes(feeds, inputs, role)
     if labels is not None and labels.shape[0] != next(iter(feeds.values())).shape[0]:
-        raise DataError(f"{role} data {path}: {labels.shape[0]} labels for {next(iter(feeds.values())).shape[0]} samples")
+        raise DataError(
+            f"{role} data {path}: {labels.shape[0]} labels for {next(iter(feeds.values())).shape[0]} samples"
+        )
     return Dataset(feeds, labels, sha256_path(path), path)

@@ -45,7 +45,9 @@ def _entry(result: Any, source_size: int) -> dict[str, Any]:
     }
 
 
-def build_report(model: Path, version: str, source_size: int, source_sha256: str, results: Sequence[Any]) -> dict[str, Any]:
+def build_report(
+    model: Path, version: str, source_size: int, source_sha256: str, results: Sequence[Any]
+) -> dict[str, Any]:
     entries = [_entry(r, source_size) for r in results]
     return {
         "schema": REPORT_SCHEMA,
@@ -61,8 +63,10 @@ def _bars(title: str, unit: str, values: Sequence[tuple[str, float | None]]) -> 
     width, row, label_w = 560, 26, 150
     shown = [v for _, v in values if v is not None]
     top = max(shown) if shown else 1.0
-    parts = [f'<svg role="img" aria-label="{html.escape(title)}" width="{width}" height="{row * len(values) + 30}">',
-             f'<text x="0" y="16" class="t">{html.escape(title)}</text>']
+    parts = [
+        f'<svg role="img" aria-label="{html.escape(title)}" width="{width}" height="{row * len(values) + 30}">',
+        f'<text x="0" y="16" class="t">{html.escape(title)}</text>',
+    ]
     for i, (label, value) in enumerate(values):
         y = 26 + i * row
         parts.append(f'<text x="0" y="{y + 15}">{html.escape(label)}</text>')
@@ -83,12 +87,22 @@ def _pct(x: float | None) -> str:
 def render_html(report: dict[str, Any]) -> str:
     rows = report["profiles"]
     charts = [
-        _bars("Artifact size", "KiB", [(r["profile"], r["size_bytes"] / 1024 if r["size_bytes"] else None) for r in rows]),
+        _bars(
+            "Artifact size", "KiB", [(r["profile"], r["size_bytes"] / 1024 if r["size_bytes"] else None) for r in rows]
+        ),
         _bars("Host latency p50", "ms", [(r["profile"], (r["latency_ms"] or {}).get("p50")) for r in rows]),
-        _bars("Top-1 accuracy", "%", [(r["profile"], 100 * r["metrics"]["accuracy"] if r["metrics"]["accuracy"] is not None else None) for r in rows]),
+        _bars(
+            "Top-1 accuracy",
+            "%",
+            [
+                (r["profile"], 100 * r["metrics"]["accuracy"] if r["metrics"]["accuracy"] is not None else None)
+                for r in rows
+            ],
+        ),
     ]
     table = "".join(
-        f"<tr class={'ok' if r['gate']['passed'] else 'fail'}><td>{html.escape(r['profile'])}</td><td>{r['format']}</td>"
+        f"<tr class={'ok' if r['gate']['passed'] else 'fail'}><td>{html.escape(r['profile'])}</td>"
+        f"<td>{r['format']}</td>"
         f"<td>{r['precision']}</td><td>{r['size_bytes'] or '–'}</td><td>{_pct(r['metrics']['agreement'])}</td>"
         f"<td>{_pct(r['metrics']['accuracy'])}</td><td>{_pct(r['metrics']['source_accuracy'])}</td>"
         f"<td>{(r['latency_ms'] or {}).get('p50', '–')}</td><td>{(r['latency_ms'] or {}).get('p95', '–')}</td>"
@@ -97,7 +111,7 @@ def render_html(report: dict[str, Any]) -> str:
         for r in rows
     )
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>edgeops build report — {html.escape(report['model'])}</title>
+<html lang="en"><head><meta charset="utf-8"><title>edgeops build report — {html.escape(report["model"])}</title>
 <style>
 body{{font:14px system-ui,sans-serif;margin:2em;color:#222}} table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top}} tr.fail td{{background:#fde8e8}}
@@ -105,11 +119,11 @@ svg{{display:block;margin:1em 0;font:12px system-ui,sans-serif}} svg rect{{fill:
 .na{{fill:#999}}
 </style></head><body>
 <h1>edgeops build report</h1>
-<p>Model <code>{html.escape(report['model'])}</code> (sha256 {report['source_sha256'][:16]}…), version
-{html.escape(report['version'])}: <b>{'all profiles passed' if report['passed'] else 'some profiles FAILED'}</b>.</p>
+<p>Model <code>{html.escape(report["model"])}</code> (sha256 {report["source_sha256"][:16]}…), version
+{html.escape(report["version"])}: <b>{"all profiles passed" if report["passed"] else "some profiles FAILED"}</b>.</p>
 <table><tr><th>profile</th><th>format</th><th>precision</th><th>bytes</th><th>agreement</th><th>accuracy</th>
 <th>source accuracy</th><th>p50 ms</th><th>p95 ms</th><th>gate</th><th>notes</th></tr>{table}</table>
-{''.join(charts)}
+{"".join(charts)}
 <p>Latency is measured on the build host with each profile's runtime and thread count; the device enforces its
 own latency budget in its health gate.</p>
 </body></html>

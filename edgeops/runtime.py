@@ -99,12 +99,21 @@ class LiteRTBackend:
         for i, d in enumerate(self._interp.get_input_details()):
             self._interp.set_tensor(d["index"], feeds[self.inputs[i].name])
         self._interp.invoke()
-        return {o.name: self._interp.get_tensor(d["index"]) for o, d in zip(self.outputs, self._interp.get_output_details())}
+        return {
+            o.name: self._interp.get_tensor(d["index"]) for o, d in zip(self.outputs, self._interp.get_output_details())
+        }
 
 
-_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
-              "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(int32)": "int32", "tensor(int64)": "int64",
-              "tensor(bool)": "bool"}
+_ORT_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(double)": "float64",
+    "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8",
+    "tensor(int32)": "int32",
+    "tensor(int64)": "int64",
+    "tensor(bool)": "bool",
+}
 
 
 class OrtBackend:

@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """examples/digits/train.py output: digits.keras, digits.onnx, calib.npz, eval.npz, eval_nchw.npz, train.npz."""
     out = tmp_path_factory.mktemp("digits")
-    subprocess.run([sys.executable, str(ROOT / "examples/digits/train.py"), "--out", str(out)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, str(ROOT / "examples/digits/train.py"), "--out", str(out)], check=True, capture_output=True
+    )
     return out
 
 

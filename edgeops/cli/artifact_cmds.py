@@ -55,8 +55,11 @@ def _verify(args: argparse.Namespace) -> int:
         return 1
     m = verified.manifest
     if args.json:
-        print(json.dumps({"valid": True, "name": m.name, "version": m.version, "profile": m.profile,
-                          "keyid": verified.keyid}))
+        print(
+            json.dumps(
+                {"valid": True, "name": m.name, "version": m.version, "profile": m.profile, "keyid": verified.keyid}
+            )
+        )
     else:
         print(f"valid: {m.name} {m.version} for {m.profile} ({m.format}, {m.precision}), key {verified.keyid[:16]}")
     return 0

@@ -26,10 +26,13 @@ def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
 def add_parser(sub: Any) -> None:
     from edgeops.cli.main import profiles_dirs_arg
 
-    p = sub.add_parser("build", help="build signed, validated artifacts for hardware profiles",
-                       description="Convert MODEL (.keras, SavedModel dir, .onnx) for each --profile, quantize, "
-                                   "validate against the source with the real runtime, benchmark, and write one "
-                                   "signed artifact per profile plus report.json/report.html into --out.")
+    p = sub.add_parser(
+        "build",
+        help="build signed, validated artifacts for hardware profiles",
+        description="Convert MODEL (.keras, SavedModel dir, .onnx) for each --profile, quantize, "
+        "validate against the source with the real runtime, benchmark, and write one "
+        "signed artifact per profile plus report.json/report.html into --out.",
+    )
     p.add_argument("model", type=Path, help=".keras file, SavedModel directory or .onnx file")
     p.add_argument("--profile", action="append", required=True, help="hardware profile (repeatable)")
     p.add_argument("--calib", type=Path, help="calibration DATA (.npz/.npy/image folder); needed for int8")
@@ -39,8 +42,14 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--version", required=True, help="semantic version of this model release")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--name", help="artifact name (default: the model file's name)")
-    p.add_argument("--input-shape", type=parse_input_shape, action="append", default=[], metavar="NAME=D1,D2,..",
-                   help="fix an input's dynamic dims (repeatable); default: the calibration data's shape")
+    p.add_argument(
+        "--input-shape",
+        type=parse_input_shape,
+        action="append",
+        default=[],
+        metavar="NAME=D1,D2,..",
+        help="fix an input's dynamic dims (repeatable); default: the calibration data's shape",
+    )
     p.add_argument("--json", action="store_true", help="print report.json to stdout")
     profiles_dirs_arg(p)
     p.set_defaults(func=_run)
@@ -53,9 +62,19 @@ def _run(args: argparse.Namespace) -> int:
     from edgeops.build import BuildRequest, run_build
     from edgeops.report import build_report, write_report
 
-    req = BuildRequest(model=args.model, profiles=args.profile, key=args.key, version=args.version,
-                       out_dir=args.out, calib=args.calib, eval=args.eval, train=args.train,
-                       input_shapes=dict(args.input_shape), profiles_dirs=args.profiles_dir, name=args.name)
+    req = BuildRequest(
+        model=args.model,
+        profiles=args.profile,
+        key=args.key,
+        version=args.version,
+        out_dir=args.out,
+        calib=args.calib,
+        eval=args.eval,
+        train=args.train,
+        input_shapes=dict(args.input_shape),
+        profiles_dirs=args.profiles_dir,
+        name=args.name,
+    )
     console = Console(stderr=True)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[step]}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as bar:

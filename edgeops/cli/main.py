@@ -26,8 +26,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def profiles_dirs_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--profiles-dir", type=Path, action="append", default=[], metavar="DIR",
-                        help="extra directory of profile TOML files (repeatable; also $EDGEOPS_PROFILES_DIR)")
+    parser.add_argument(
+        "--profiles-dir",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="extra directory of profile TOML files (repeatable; also $EDGEOPS_PROFILES_DIR)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

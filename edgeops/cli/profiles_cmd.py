@@ -30,8 +30,22 @@ def add_parser(sub: Any) -> None:
 def _list(args: argparse.Namespace) -> int:
     profiles = [load_profile(n, args.profiles_dir) for n in list_profiles(args.profiles_dir)]
     if args.json:
-        print(json.dumps([{"name": p.name, "format": p.format, "precision": p.precision, "runtime": p.runtime,
-                           "path": str(p.path), "description": p.description} for p in profiles], indent=2))
+        print(
+            json.dumps(
+                [
+                    {
+                        "name": p.name,
+                        "format": p.format,
+                        "precision": p.precision,
+                        "runtime": p.runtime,
+                        "path": str(p.path),
+                        "description": p.description,
+                    }
+                    for p in profiles
+                ],
+                indent=2,
+            )
+        )
         return 0
     width = max((len(p.name) for p in profiles), default=4)
     for p in profiles:

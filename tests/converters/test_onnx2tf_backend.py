@@ -37,12 +37,21 @@ def _cnn_onnx(path: Path) -> Path:
         return name
 
     def conv_bn(prefix: str, x: str, cin: int, cout: int) -> list[Any]:
-        bn_in = [weight(f"{prefix}.g", cout, offset=1.0), weight(f"{prefix}.b", cout),
-                 weight(f"{prefix}.m", cout), weight(f"{prefix}.v", cout, scale=0.1, offset=1.0)]
+        bn_in = [
+            weight(f"{prefix}.g", cout, offset=1.0),
+            weight(f"{prefix}.b", cout),
+            weight(f"{prefix}.m", cout),
+            weight(f"{prefix}.v", cout, scale=0.1, offset=1.0),
+        ]
         inits[-1] = numpy_helper.from_array(np.abs(numpy_helper.to_array(inits[-1])), f"{prefix}.v")
         return [
-            helper.make_node("Conv", [x, weight(f"{prefix}.w", cout, cin, 3, 3), weight(f"{prefix}.cb", cout)],
-                             [f"{prefix}.c"], pads=[1, 1, 1, 1], name=f"{prefix}_conv"),
+            helper.make_node(
+                "Conv",
+                [x, weight(f"{prefix}.w", cout, cin, 3, 3), weight(f"{prefix}.cb", cout)],
+                [f"{prefix}.c"],
+                pads=[1, 1, 1, 1],
+                name=f"{prefix}_conv",
+            ),
             helper.make_node("BatchNormalization", [f"{prefix}.c", *bn_in], [f"{prefix}.bn"], name=f"{prefix}_bn"),
         ]
 
@@ -60,7 +69,8 @@ def _cnn_onnx(path: Path) -> Path:
     ]
     _torch_style_names(nodes)
     graph = helper.make_graph(
-        nodes, "cnn",
+        nodes,
+        "cnn",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, "H", "W"])],
         [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 10])],
         initializer=inits,
@@ -103,8 +113,10 @@ def _run_ort(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
 
 
 def _tf_feeds(result: OnnxToTf, nchw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {name: np.transpose(nchw[name], result.input_transpose[name]) if name in result.input_transpose
-            else nchw[name] for name in result.input_names}
+    return {
+        name: np.transpose(nchw[name], result.input_transpose[name]) if name in result.input_transpose else nchw[name]
+        for name in result.input_names
+    }
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +162,11 @@ def test_same_model_twice_gives_byte_identical_tflite(cnn: tuple[Path, OnnxToTf,
 def test_digits_tflite_matches_onnxruntime_on_a_batch(tmp_path: Path) -> None:
     onnx_path = DIGITS / "digits.onnx"
     if not onnx_path.exists():
-        subprocess.run([sys.executable, str(ROOT / "examples/digits/train.py")], check=True,
-                       env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+        subprocess.run(
+            [sys.executable, str(ROOT / "examples/digits/train.py")],
+            check=True,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        )
     data = np.load(DIGITS / "eval_nchw.npz")
     x = data["x"][:32].astype(np.float32)
     result = onnx_to_saved_model(onnx_path, tmp_path, input_shapes={"image": x.shape})
@@ -176,7 +191,8 @@ def test_shape_the_graph_cannot_take_is_a_data_error(tmp_path: Path) -> None:
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
-        [helper.make_node("Reshape", ["x", "s"], ["y"])], "flatten64",
+        [helper.make_node("Reshape", ["x", "s"], ["y"])],
+        "flatten64",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, "H", "W"])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
         initializer=[helper.make_tensor("s", TensorProto.INT64, [2], [1, 64])],
@@ -202,7 +218,8 @@ def test_op_onnx2tf_cannot_convert_is_named(tmp_path: Path) -> None:
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
-        [helper.make_node("LpPool", ["x"], ["y"], kernel_shape=[2, 2], p=2)], "lp",
+        [helper.make_node("LpPool", ["x"], ["y"], kernel_shape=[2, 2], p=2)],
+        "lp",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 8, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 7, 7])],
     )
@@ -224,8 +241,10 @@ def test_two_inputs_with_pytorch_style_names_keep_their_names(tmp_path: Path) ->
             helper.make_node("Add", ["flat", "meta"], ["/head/out"]),
         ],
         "two",
-        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, ["N", 2, 4, 4]),
-         helper.make_tensor_value_info("meta", TensorProto.FLOAT, ["N", 2])],
+        [
+            helper.make_tensor_value_info("input.1", TensorProto.FLOAT, ["N", 2, 4, 4]),
+            helper.make_tensor_value_info("meta", TensorProto.FLOAT, ["N", 2]),
+        ],
         [helper.make_tensor_value_info("/head/out", TensorProto.FLOAT, ["N", 2])],
     )
     path = tmp_path / "two.onnx"

@@ -94,16 +94,18 @@ def test_int8_is_small_and_really_int8(digits: Digits) -> None:
     io = {interp.get_input_details()[0]["index"], interp.get_output_details()[0]["index"]}
     float_tensors = {d["index"] for d in details if d["dtype"] == np.float32}
     assert float_tensors == io, "only the float I/O tensors (quantize/dequantize ends) may be float32"
-    weights = [d for d in details if d["dtype"] == np.int8 and len(d["shape"]) in (2, 4)
-               and d["quantization_parameters"]["scales"].size > 1]
+    weights = [
+        d
+        for d in details
+        if d["dtype"] == np.int8 and len(d["shape"]) in (2, 4) and d["quantization_parameters"]["scales"].size > 1
+    ]
     assert len(weights) >= 5, "conv and dense weights are int8, quantised per channel"
     assert all(d["dtype"] in (np.int8, np.int32) for d in details if d["index"] not in io)
 
 
 def test_int8_io_gives_int8_tensors_with_scale_and_zero_point(digits: Digits, tmp_path: Path) -> None:
     out = tmp_path / "io.tflite"
-    tf_to_tflite(digits.keras_path, ModelFormat.KERAS, out, precision=Precision.INT8, calib=digits.calib,
-                 int8_io=True)
+    tf_to_tflite(digits.keras_path, ModelFormat.KERAS, out, precision=Precision.INT8, calib=digits.calib, int8_io=True)
     interp = _interpreter(out)
     (inp,), (outp,) = interp.get_input_details(), interp.get_output_details()
     assert inp["dtype"] == np.int8 and outp["dtype"] == np.int8
@@ -120,10 +122,14 @@ def test_int8_io_gives_int8_tensors_with_scale_and_zero_point(digits: Digits, tm
 
 def test_per_channel_off_quantises_weights_per_tensor(digits: Digits, tmp_path: Path) -> None:
     out = tmp_path / "per_tensor.tflite"
-    tf_to_tflite(digits.keras_path, ModelFormat.KERAS, out, precision=Precision.INT8, calib=digits.calib,
-                 per_channel=False)
-    weights = [d for d in _interpreter(out).get_tensor_details()
-               if d["dtype"] == np.int8 and len(d["shape"]) == 4 and d["shape"][0] == 32]
+    tf_to_tflite(
+        digits.keras_path, ModelFormat.KERAS, out, precision=Precision.INT8, calib=digits.calib, per_channel=False
+    )
+    weights = [
+        d
+        for d in _interpreter(out).get_tensor_details()
+        if d["dtype"] == np.int8 and len(d["shape"]) == 4 and d["shape"][0] == 32
+    ]
     assert weights and all(d["quantization_parameters"]["scales"].size == 1 for d in weights)
 
 
@@ -151,8 +157,14 @@ for p in Precision.FP32, Precision.FP16, Precision.INT8_DYNAMIC, Precision.INT8:
 def test_conversion_is_deterministic_across_processes(digits: Digits, tmp_path: Path) -> None:
     np.save(tmp_path / "calib.npy", digits.calib["image"])
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    done = subprocess.run([sys.executable, "-c", _CHILD, str(digits.keras_path), str(tmp_path / "calib.npy"),
-                           str(tmp_path)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(digits.keras_path), str(tmp_path / "calib.npy"), str(tmp_path)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     child = dict(line.split() for line in done.stdout.splitlines() if line.strip())
     for precision in ALL_PRECISIONS:
@@ -202,8 +214,9 @@ def test_op_outside_tflite_builtins_is_unsupported_and_leaves_nothing(tmp_path: 
 def test_int8_refuses_an_op_the_converter_would_leave_in_float(tmp_path: Path) -> None:
     import tensorflow as tf
 
-    src = _saved_model(tmp_path / "floor", lambda x: tf.math.floor(x * 4.0) + x,
-                       tf.TensorSpec((1, 4), tf.float32, name="x"))
+    src = _saved_model(
+        tmp_path / "floor", lambda x: tf.math.floor(x * 4.0) + x, tf.TensorSpec((1, 4), tf.float32, name="x")
+    )
     out = tmp_path / "floor.tflite"
     calib = {"x": np.linspace(0, 1, 40, dtype=np.float32).reshape(10, 4)}
     with pytest.raises(UnsupportedOpError, match="FLOOR") as err:
@@ -214,8 +227,9 @@ def test_int8_refuses_an_op_the_converter_would_leave_in_float(tmp_path: Path) -
 def test_savedmodel_with_dynamic_dims_needs_input_shapes(tmp_path: Path) -> None:
     import tensorflow as tf
 
-    src = _saved_model(tmp_path / "dyn", lambda x: tf.nn.relu(x) * 2.0,
-                       tf.TensorSpec((None, None, 4), tf.float32, name="seq"))
+    src = _saved_model(
+        tmp_path / "dyn", lambda x: tf.nn.relu(x) * 2.0, tf.TensorSpec((None, None, 4), tf.float32, name="seq")
+    )
     out = tmp_path / "dyn.tflite"
     with pytest.raises(DataError, match="'seq'"):
         tf_to_tflite(src, ModelFormat.SAVEDMODEL, out, precision=Precision.FP32)

@@ -16,13 +16,23 @@ from edgeops.signing import generate_keypair, load_private_key, load_public_key
 
 def _manifest(files: dict[str, bytes], version: str = "1.2.3") -> Manifest:
     return Manifest(
-        name="m", version=version, profile="rpi4", format="tflite", precision="int8", runtime="litert",
+        name="m",
+        version=version,
+        profile="rpi4",
+        format="tflite",
+        precision="int8",
+        runtime="litert",
         model_file="model.tflite",
         inputs=[TensorInfo("x", [1, 4], "float32", "int8", None, 0.1, 0)],
         outputs=[TensorInfo("y", [1, 2], "float32", "float32")],
         files=[FileEntry(n, hashlib.sha256(b).hexdigest(), len(b)) for n, b in sorted(files.items())],
-        source={"file": "m.keras", "format": "keras", "sha256": "0" * 64}, data={}, toolchain={"numpy": "2"},
-        runtime_config={"threads": 4}, recipe={}, gate={}, golden=Golden({"x": "golden/input_0.npy"}, {}, 1, 1e-3, 0),
+        source={"file": "m.keras", "format": "keras", "sha256": "0" * 64},
+        data={},
+        toolchain={"numpy": "2"},
+        runtime_config={"threads": 4},
+        recipe={},
+        gate={},
+        golden=Golden({"x": "golden/input_0.npy"}, {}, 1, 1e-3, 0),
     )
 
 
@@ -55,7 +65,7 @@ def test_same_inputs_give_same_bytes(signed: tuple[Path, Path, bytes], tmp_path:
 
 
 def test_every_flipped_byte_is_rejected(signed: tuple[Path, Path, bytes], tmp_path: Path) -> None:
-    path, pub, data = signed
+    _path, pub, data = signed
     key = load_public_key(pub)
     target = tmp_path / "flipped.edgeops"
     accepted = []
@@ -91,7 +101,7 @@ def test_file_swapped_under_a_valid_signature_is_rejected(signed: tuple[Path, Pa
     manifest = _manifest(files).to_bytes()
     evil = tmp_path / "evil.edgeops"
     evil.write_bytes(pack_artifact(manifest, sign_manifest(manifest, priv), {"model.tflite": b"replaced"}))
-    with pytest.raises(IntegrityError, match="model.tflite"):
+    with pytest.raises(IntegrityError, match=r"model\.tflite"):
         verify_artifact(evil, [load_public_key(pub)])
     extra = tmp_path / "extra.edgeops"
     extra.write_bytes(pack_artifact(manifest, sign_manifest(manifest, priv), {**files, "z.bin": b"x"}))
@@ -101,7 +111,7 @@ def test_file_swapped_under_a_valid_signature_is_rejected(signed: tuple[Path, Pa
 
 @pytest.mark.parametrize("cut", [0, 100, 512, 1500, -1])
 def test_truncated_or_extended_files_are_rejected(signed: tuple[Path, Path, bytes], tmp_path: Path, cut: int) -> None:
-    path, pub, data = signed
+    _path, pub, data = signed
     bad = tmp_path / "bad.edgeops"
     bad.write_bytes(data[:cut] if cut >= 0 else data + b"\0" * 512)
     with pytest.raises(ArtifactFormatError):

@@ -26,15 +26,25 @@ def _build(model: Path, profiles: list[str], out: Path, keys: Path, *extra: str)
 @pytest.fixture(scope="module")
 def keras_build(digits_dir: Path, keys_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("dist")
-    args = _build(digits_dir / "digits.keras", PROFILES, out, keys_dir, "--calib", str(digits_dir / "calib.npz"),
-                  "--eval", str(digits_dir / "eval.npz"), "--json")
+    args = _build(
+        digits_dir / "digits.keras",
+        PROFILES,
+        out,
+        keys_dir,
+        "--calib",
+        str(digits_dir / "calib.npz"),
+        "--eval",
+        str(digits_dir / "eval.npz"),
+        "--json",
+    )
     proc = subprocess.run([sys.executable, "-m", "edgeops.cli.main", *args], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return out, json.loads(proc.stdout)
 
 
-def test_keras_model_builds_four_verified_artifacts(keras_build: tuple[Path, dict], keys_dir: Path,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_keras_model_builds_four_verified_artifacts(
+    keras_build: tuple[Path, dict], keys_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out, report = keras_build
     assert report["passed"] is True
     assert [p["profile"] for p in report["profiles"]] == PROFILES
@@ -63,11 +73,15 @@ def test_artifacts_pass_the_agents_golden_check(keras_build: tuple[Path, dict], 
     out, _ = keras_build
     for profile in ("rpi4", "x86-gateway", "coral-edgetpu"):
         artifact = out / f"digits-1.0.0-{profile}.edgeops"
-        assert agent_main(["check", str(artifact), "--pubkey", str(keys_dir / "signing.pub"), "--profile", profile]) == 0
+        assert (
+            agent_main(["check", str(artifact), "--pubkey", str(keys_dir / "signing.pub"), "--profile", profile]) == 0
+        )
         assert agent_main(["check", str(artifact), "--pubkey", str(keys_dir / "signing.pub"), "--profile", "rpi5"]) == 1
 
 
-def test_coral_artifact_has_int8_io_and_rpi4_float_io(keras_build: tuple[Path, dict], capsys: pytest.CaptureFixture[str]) -> None:
+def test_coral_artifact_has_int8_io_and_rpi4_float_io(
+    keras_build: tuple[Path, dict], capsys: pytest.CaptureFixture[str]
+) -> None:
     out, _ = keras_build
     assert main(["inspect", str(out / "digits-1.0.0-coral-edgetpu.edgeops"), "--json"]) == 0
     coral = json.loads(capsys.readouterr().out)
@@ -79,23 +93,40 @@ def test_coral_artifact_has_int8_io_and_rpi4_float_io(keras_build: tuple[Path, d
     assert rpi4["source"]["sha256"] and rpi4["data"]["calib_sha256"] and rpi4["toolchain"]["tensorflow"]
 
 
-def test_build_is_byte_for_byte_deterministic(keras_build: tuple[Path, dict], digits_dir: Path, keys_dir: Path,
-                                              tmp_path: Path) -> None:
+def test_build_is_byte_for_byte_deterministic(
+    keras_build: tuple[Path, dict], digits_dir: Path, keys_dir: Path, tmp_path: Path
+) -> None:
     first, _ = keras_build
-    args = _build(digits_dir / "digits.keras", PROFILES, tmp_path, keys_dir, "--calib", str(digits_dir / "calib.npz"),
-                  "--eval", str(digits_dir / "eval.npz"))
+    args = _build(
+        digits_dir / "digits.keras",
+        PROFILES,
+        tmp_path,
+        keys_dir,
+        "--calib",
+        str(digits_dir / "calib.npz"),
+        "--eval",
+        str(digits_dir / "eval.npz"),
+    )
     assert main(args) == 0  # in this process, after other builds: no leaked global state may change the bytes
     for profile in PROFILES:
         name = f"digits-1.0.0-{profile}.edgeops"
         assert (tmp_path / name).read_bytes() == (first / name).read_bytes(), profile
 
 
-def test_onnx_model_builds_for_rpi4_and_x86(digits_dir: Path, keys_dir: Path, tmp_path: Path,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_onnx_model_builds_for_rpi4_and_x86(
+    digits_dir: Path, keys_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from device_agent.cli import main as agent_main
 
-    args = _build(digits_dir / "digits.onnx", ["rpi4", "x86-gateway"], tmp_path, keys_dir,
-                  "--calib", str(digits_dir / "eval_nchw.npz"), "--json")
+    args = _build(
+        digits_dir / "digits.onnx",
+        ["rpi4", "x86-gateway"],
+        tmp_path,
+        keys_dir,
+        "--calib",
+        str(digits_dir / "eval_nchw.npz"),
+        "--json",
+    )
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert all(p["metrics"]["agreement"] >= 0.99 for p in report["profiles"])
@@ -124,16 +155,30 @@ epochs = 2
 """
 
 
-def test_pruned_build_reports_sparsity_and_smaller_compressed_size(digits_dir: Path, keys_dir: Path, tmp_path: Path,
-                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_pruned_build_reports_sparsity_and_smaller_compressed_size(
+    digits_dir: Path, keys_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     profiles = tmp_path / "profiles"
     profiles.mkdir()
     (profiles / "pruned.toml").write_text(PRUNED.format(drop=2.0, agreement=0.95, sparsity=0.6))
-    (profiles / "dense.toml").write_text(PRUNED.format(drop=2.0, agreement=0.95, sparsity=0.6)
-                                         .replace('"prune", ', "").split("[pass_options.prune]")[0])
-    args = _build(digits_dir / "digits.keras", ["pruned", "dense"], tmp_path / "out", keys_dir,
-                  "--calib", str(digits_dir / "calib.npz"), "--eval", str(digits_dir / "eval.npz"),
-                  "--train", str(digits_dir / "train.npz"), "--profiles-dir", str(profiles), "--json")
+    (profiles / "dense.toml").write_text(
+        PRUNED.format(drop=2.0, agreement=0.95, sparsity=0.6).replace('"prune", ', "").split("[pass_options.prune]")[0]
+    )
+    args = _build(
+        digits_dir / "digits.keras",
+        ["pruned", "dense"],
+        tmp_path / "out",
+        keys_dir,
+        "--calib",
+        str(digits_dir / "calib.npz"),
+        "--eval",
+        str(digits_dir / "eval.npz"),
+        "--train",
+        str(digits_dir / "train.npz"),
+        "--profiles-dir",
+        str(profiles),
+        "--json",
+    )
     assert main(args) == 0
     by = {p["profile"]: p for p in json.loads(capsys.readouterr().out)["profiles"]}
     assert by["pruned"]["sparsity"] == pytest.approx(0.6, abs=0.02)
@@ -157,8 +202,9 @@ def _fails(args: list[str], out: Path, capsys: pytest.CaptureFixture[str], *expe
     return errors[0]
 
 
-def test_corrupt_and_unknown_models(digits_dir: Path, keys_dir: Path, tmp_path: Path,
-                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_corrupt_and_unknown_models(
+    digits_dir: Path, keys_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     calib = ["--calib", str(digits_dir / "calib.npz")]
     out = tmp_path / "out"
     for name in ("bad.keras", "bad.onnx"):
@@ -169,8 +215,9 @@ def test_corrupt_and_unknown_models(digits_dir: Path, keys_dir: Path, tmp_path: 
     _fails(_build(digits_dir / "digits.keras", ["rpi9"], out, keys_dir, *calib), out, capsys, "unknown profile 'rpi9'")
 
 
-def test_op_the_target_cannot_run_names_op_and_profile(keys_dir: Path, tmp_path: Path,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_op_the_target_cannot_run_names_op_and_profile(
+    keys_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import tensorflow as tf
 
     class Inverse(tf.Module):
@@ -182,30 +229,57 @@ def test_op_the_target_cannot_run_names_op_and_profile(keys_dir: Path, tmp_path:
     tf.saved_model.save(module, str(tmp_path / "inv"), signatures={"serving_default": module.serve})
     np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(16, 4, 4)).astype(np.float32))
     out = tmp_path / "out"
-    line = _fails(_build(tmp_path / "inv", ["android-arm64"], out, keys_dir, "--calib", str(tmp_path / "x.npy")),
-                  out, capsys, "MatrixInverse", "android-arm64")
+    line = _fails(
+        _build(tmp_path / "inv", ["android-arm64"], out, keys_dir, "--calib", str(tmp_path / "x.npy")),
+        out,
+        capsys,
+        "MatrixInverse",
+        "android-arm64",
+    )
     assert line.startswith("edgeops: FAILED profile android-arm64")
 
 
 def test_bad_data(digits_dir: Path, keys_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     model, out = digits_dir / "digits.keras", tmp_path / "out"
-    _fails(_build(model, ["rpi4"], out, keys_dir, "--eval", str(digits_dir / "eval.npz")), out, capsys,
-           "rpi4", "needs calibration data (--calib)")
+    _fails(
+        _build(model, ["rpi4"], out, keys_dir, "--eval", str(digits_dir / "eval.npz")),
+        out,
+        capsys,
+        "rpi4",
+        "needs calibration data (--calib)",
+    )
     np.savez(tmp_path / "wrong.npz", x=np.zeros((10, 9, 9, 1), np.float32))
-    _fails(_build(model, ["rpi4"], out, keys_dir, "--calib", str(tmp_path / "wrong.npz")), out, capsys,
-           "'image'", "(10, 9, 9, 1)", "(N, 8, 8, 1)")
+    _fails(
+        _build(model, ["rpi4"], out, keys_dir, "--calib", str(tmp_path / "wrong.npz")),
+        out,
+        capsys,
+        "'image'",
+        "(10, 9, 9, 1)",
+        "(N, 8, 8, 1)",
+    )
 
 
-def test_eval_set_that_fails_the_gate_names_profile_and_figure(digits_dir: Path, keys_dir: Path, tmp_path: Path,
-                                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_eval_set_that_fails_the_gate_names_profile_and_figure(
+    digits_dir: Path, keys_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     profiles = tmp_path / "profiles"
     profiles.mkdir()
     (profiles / "overpruned.toml").write_text(PRUNED.format(drop=0.5, agreement=0.99, sparsity=0.97))
     out = tmp_path / "out"
     out.mkdir()
     (out / "digits-1.0.0-overpruned.edgeops").write_bytes(b"stale artifact of an earlier build")
-    args = _build(digits_dir / "digits.keras", ["overpruned", "rpi4"], out, keys_dir, "--calib",
-                  str(digits_dir / "calib.npz"), "--eval", str(digits_dir / "eval.npz"), "--profiles-dir", str(profiles))
+    args = _build(
+        digits_dir / "digits.keras",
+        ["overpruned", "rpi4"],
+        out,
+        keys_dir,
+        "--calib",
+        str(digits_dir / "calib.npz"),
+        "--eval",
+        str(digits_dir / "eval.npz"),
+        "--profiles-dir",
+        str(profiles),
+    )
     code = main(args)
     err = capsys.readouterr().err
     assert code == 1
@@ -214,14 +288,17 @@ def test_eval_set_that_fails_the_gate_names_profile_and_figure(digits_dir: Path,
     assert sorted(p.name for p in out.glob("*.edgeops")) == ["digits-1.0.0-rpi4.edgeops"]  # the good one stays
 
 
-def test_unwritable_output_and_bad_keys(digits_dir: Path, keys_dir: Path, tmp_path: Path,
-                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_unwritable_output_and_bad_keys(
+    digits_dir: Path, keys_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     model, calib = digits_dir / "digits.keras", ["--calib", str(digits_dir / "calib.npz")]
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     _fails(_build(model, ["rpi4"], blocker / "out", keys_dir, *calib), tmp_path, capsys, "not writable")
     missing = tmp_path / "nokeys"
-    _fails(_build(model, ["rpi4"], tmp_path / "out", missing, *calib), tmp_path / "out", capsys, "signing key not found")
+    _fails(
+        _build(model, ["rpi4"], tmp_path / "out", missing, *calib), tmp_path / "out", capsys, "signing key not found"
+    )
     (tmp_path / "junk.key").write_text("-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----\n")
     args = _build(model, ["rpi4"], tmp_path / "out", keys_dir, *calib)
     args[args.index("--key") + 1] = str(tmp_path / "junk.key")
@@ -231,8 +308,9 @@ def test_unwritable_output_and_bad_keys(digits_dir: Path, keys_dir: Path, tmp_pa
     _fails(bad_version, tmp_path / "out", capsys, "semantic version")
 
 
-def test_verify_rejects_wrong_key_tampering_and_missing_key(keras_build: tuple[Path, dict], keys_dir: Path,
-                                                             tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_verify_rejects_wrong_key_tampering_and_missing_key(
+    keras_build: tuple[Path, dict], keys_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out, _ = keras_build
     assert main(["keys", "init", "--dir", str(tmp_path / "other")]) == 0
     artifact = out / "digits-1.0.0-rpi4.edgeops"

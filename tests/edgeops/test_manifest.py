@@ -23,8 +23,12 @@ def test_semver_orders_releases_and_prereleases() -> None:
         (b"[]", "not a JSON object"),
         (json.dumps({"schema": 99}).encode(), "unsupported manifest schema"),
         (json.dumps({"schema": 1, "version": "one"}).encode(), "semantic version"),
-        (json.dumps({"schema": 1, "version": "1.0.0", "files": [{"path": "a", "sha256": "xyz", "size": 1}]}).encode(),
-         "malformed"),
+        (
+            json.dumps(
+                {"schema": 1, "version": "1.0.0", "files": [{"path": "a", "sha256": "xyz", "size": 1}]}
+            ).encode(),
+            "malformed",
+        ),
     ],
 )
 def test_malformed_manifests_are_rejected_with_a_reason(raw: bytes, message: str) -> None:

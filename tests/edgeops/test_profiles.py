@@ -39,8 +39,9 @@ def test_profiles_list_and_show_cli(capsys: pytest.CaptureFixture[str]) -> None:
     assert "int8" in out and "tflite" in out
 
 
-def test_user_profile_from_flag_and_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_user_profile_from_flag_and_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "my-board.toml").write_text(MINIMAL)
     assert load_profile("my-board", [tmp_path]).precision == "fp16"
     assert main(["profiles", "show", "my-board", "--profiles-dir", str(tmp_path), "--json"]) == 0
@@ -72,5 +73,5 @@ def test_invalid_profiles_fail_with_the_field_named(tmp_path: Path, text: str, m
 
 
 def test_unknown_profile_lists_the_known_ones() -> None:
-    with pytest.raises(ProfileError, match="unknown profile 'rpi9'.*rpi4"):
+    with pytest.raises(ProfileError, match=r"unknown profile 'rpi9'.*rpi4"):
         load_profile("rpi9")
