@@ -68,7 +68,7 @@ def npy_bytes(arr: np.ndarray) -> bytes:
 
 def _model_files(ctx: PassContext, state: ModelState, cfg: PackageConfig) -> tuple[str, dict[str, bytes]]:
     if state.fmt is ModelFormat.COREML:
-        from converters.coreml_backend import coreml_files
+        from converters.coreml_package import coreml_files
 
         return "model.mlpackage", {f"model.mlpackage/{p}": b for p, b in coreml_files(state.path)}
     name = f"model.{state.fmt}"
@@ -100,7 +100,7 @@ def _edgetpu(ctx: PassContext, model: Path) -> bytes:
 
 def _schema(ctx: PassContext, state: ModelState) -> tuple[list[TensorInfo], list[TensorInfo]]:
     if state.fmt is ModelFormat.COREML:
-        from converters.coreml_backend import check_coreml
+        from converters.coreml_package import check_coreml
 
         check = check_coreml(state.path)
         mk = [

@@ -66,15 +66,15 @@ def _tflite(ctx: PassContext, state: ModelState, cfg: QuantizeConfig, precision:
 
 
 def _onnx(ctx: PassContext, state: ModelState, cfg: QuantizeConfig, precision: Precision) -> ModelState:
-    from converters import onnx_backend
+    from converters import onnx_backend, onnx_quantize
 
     out = ctx.workdir / f"model_{precision}.onnx"
     if precision is Precision.FP16:
-        onnx_backend.onnx_to_fp16(state.path, out)
+        onnx_quantize.onnx_to_fp16(state.path, out)
     elif precision is Precision.INT8_DYNAMIC:
-        onnx_backend.onnx_quantize_dynamic(state.path, out, per_channel=cfg.per_channel)
+        onnx_quantize.onnx_quantize_dynamic(state.path, out, per_channel=cfg.per_channel)
     else:
-        onnx_backend.onnx_quantize_static(
+        onnx_quantize.onnx_quantize_static(
             state.path,
             out,
             _calib(ctx, cfg, state, tf_layout=False),

@@ -34,7 +34,8 @@ def gate_metrics(
     outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray], labels: np.ndarray | None, ref_names: list[str]
 ) -> dict[str, float | None]:
     """Agreement/accuracy on the first output (when it has ≥ 2 classes), max abs error over all outputs."""
-    got = list(outputs.values()) if list(outputs) != ref_names else [outputs[n] for n in ref_names]
+    # match by name when the artifact kept the source's output names, else by position
+    got = [outputs[n] for n in ref_names] if set(outputs) == set(ref_names) else list(outputs.values())
     want = [reference[n] for n in ref_names]
     max_err = max(float(np.max(np.abs(g.astype(np.float64).reshape(w.shape) - w))) for g, w in zip(got, want))
     metrics: dict[str, float | None] = {
@@ -97,7 +98,7 @@ def _tolerance(precision: Precision, runner: ModelRunner) -> tuple[float, float]
 
 
 def _structural(ctx: PassContext, state: ModelState) -> None:
-    from converters.coreml_backend import check_coreml
+    from converters.coreml_package import check_coreml
 
     check = check_coreml(state.path)
     want = {k: v for k, v in ctx.input_shapes.items()}

@@ -16,6 +16,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from converters.model_types import ModelFormat, ModelState
 from converters.pass_context import PassContext, ProfileOutcome
 from converters.registry import get_pass, make_config
@@ -74,7 +77,7 @@ class _Inputs:
     calib: Dataset | None
     eval: Dataset
     train: Dataset | None
-    reference: dict[str, object]
+    reference: dict[str, np.ndarray]
 
 
 def _load_inputs(req: BuildRequest) -> _Inputs:
@@ -90,7 +93,7 @@ def _load_inputs(req: BuildRequest) -> _Inputs:
 
 
 def _run_profile(
-    req: BuildRequest, profile: Profile, inputs: _Inputs, key: object, progress: Progress
+    req: BuildRequest, profile: Profile, inputs: _Inputs, key: Ed25519PrivateKey, progress: Progress
 ) -> ProfileResult:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"edgeops-{profile.name}-") as work:
@@ -101,12 +104,12 @@ def _run_profile(
             calib=inputs.calib,
             eval=inputs.eval,
             train=inputs.train,
-            reference=inputs.reference,  # type: ignore[arg-type]
+            reference=inputs.reference,
             workdir=Path(work),
             out_dir=req.out_dir,
             name=req.name or inputs.source.name,
             version=req.version,
-            signing_key=key,  # type: ignore[arg-type]
+            signing_key=key,
         )
         state = ModelState(fmt=ModelFormat(inputs.source.fmt), path=inputs.source.path)
         try:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from converters.coreml_backend import CoreMLCheck, check_coreml, coreml_files, tf_to_coreml
+from converters.coreml_backend import tf_to_coreml
+from converters.coreml_package import CoreMLCheck, check_coreml, coreml_files
 from converters.model_types import ModelFormat, Precision
 from edgeops.errors import BuildError, DataError, ModelLoadError, UnsupportedOpError
 

@@ -1,4 +1,7 @@
-"""converters.onnx_backend against real tf2onnx / onnxruntime (CPUExecutionProvider) on the digits example."""
+"""converters.onnx_backend against real tf2onnx / onnxruntime (CPUExecutionProvider) on the digits example.
+
+Precision changes (fp16, int8) are tested in test_onnx_quantize.py.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from converters import onnx_backend as ob
 from converters.model_types import ModelFormat
-from edgeops.errors import BuildError, DataError, ModelLoadError, UnsupportedOpError
+from edgeops.errors import DataError, ModelLoadError, UnsupportedOpError
 
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS = ROOT / "examples" / "digits" / "out"
@@ -29,30 +32,11 @@ def digits() -> Path:
     return DIGITS
 
 
-@pytest.fixture(scope="session")
-def eval_nchw(digits: Path) -> np.ndarray:
-    return np.load(digits / "eval_nchw.npz")["x"].astype(np.float32)
-
-
-@pytest.fixture(scope="session")
-def calib_nchw(digits: Path) -> dict[str, np.ndarray]:
-    return {"image": np.load(digits / "calib.npz")["x"].transpose(0, 3, 1, 2)}
-
-
 def run(path: Path, x: np.ndarray, name: str = "image") -> np.ndarray:
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return np.asarray(session.run(None, {name: x})[0])
-
-
-@pytest.fixture(scope="session")
-def fp32_probs(digits: Path, eval_nchw: np.ndarray) -> np.ndarray:
-    return run(digits / "digits.onnx", eval_nchw)
-
-
-def agreement(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a.argmax(1) == b.argmax(1)).mean())
 
 
 def only_out(tmp: Path, out: Path) -> None:
@@ -148,77 +132,6 @@ def test_fix_input_shapes_rejects_unknown_or_conflicting(digits: Path, tmp_path:
     with pytest.raises(DataError):
         ob.fix_onnx_input_shapes(digits / "digits.onnx", tmp_path / "x.onnx", shapes)
     only_out(tmp_path, tmp_path / "x.onnx")
-
-
-# ----------------------------------------------------------------------------------------------- fp16
-
-
-def test_fp16_runs_on_cpu_agrees_and_halves_size(
-    digits: Path, tmp_path: Path, eval_nchw: np.ndarray, fp32_probs: np.ndarray
-) -> None:
-    ob.onnx_to_fp16(digits / "digits.onnx", tmp_path / "a.onnx")
-    ob.onnx_to_fp16(digits / "digits.onnx", tmp_path / "b.onnx")
-    inputs, outputs = ob.read_onnx_io(tmp_path / "a.onnx")
-    assert inputs[0].dtype == outputs[0].dtype == "float32"  # keep_io_types
-    assert agreement(run(tmp_path / "a.onnx", eval_nchw), fp32_probs) >= 0.99
-    assert (tmp_path / "a.onnx").stat().st_size <= 0.55 * (digits / "digits.onnx").stat().st_size
-    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
-
-
-# ----------------------------------------------------------------------------------------------- int8
-
-
-def op_types(path: Path) -> set[str]:
-    import onnx
-
-    return {n.op_type for n in onnx.load(str(path)).graph.node}
-
-
-@pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
-def test_static_int8_qdq_agrees_shrinks_and_is_deterministic(
-    digits: Path, tmp_path: Path, method: str, calib_nchw: dict, eval_nchw: np.ndarray, fp32_probs: np.ndarray
-) -> None:
-    for name in ("a.onnx", "b.onnx"):
-        ob.onnx_quantize_static(digits / "digits.onnx", tmp_path / name, calib_nchw, method=method)
-    assert {"QuantizeLinear", "DequantizeLinear"} <= op_types(tmp_path / "a.onnx")
-    assert agreement(run(tmp_path / "a.onnx", eval_nchw), fp32_probs) >= 0.98
-    assert (tmp_path / "a.onnx").stat().st_size <= 0.3 * (digits / "digits.onnx").stat().st_size
-    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "b.onnx"]
-
-
-def test_dynamic_int8_runs_and_is_deterministic(
-    digits: Path, tmp_path: Path, eval_nchw: np.ndarray, fp32_probs: np.ndarray
-) -> None:
-    ob.onnx_quantize_dynamic(digits / "digits.onnx", tmp_path / "a.onnx")
-    ob.onnx_quantize_dynamic(digits / "digits.onnx", tmp_path / "b.onnx")
-    assert agreement(run(tmp_path / "a.onnx", eval_nchw), fp32_probs) >= 0.98
-    assert (tmp_path / "a.onnx").stat().st_size <= 0.3 * (digits / "digits.onnx").stat().st_size
-    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
-
-
-@pytest.mark.parametrize("calib", [None, {}])
-def test_static_int8_without_calibration(digits: Path, tmp_path: Path, calib: dict | None) -> None:
-    with pytest.raises(DataError, match=r"^int8 needs calibration data \(--calib\)$"):
-        ob.onnx_quantize_static(digits / "digits.onnx", tmp_path / "q.onnx", calib)  # type: ignore[arg-type]
-    only_out(tmp_path, tmp_path / "q.onnx")
-
-
-def test_static_int8_calibration_of_wrong_shape(digits: Path, tmp_path: Path) -> None:
-    nhwc = {"image": np.load(digits / "calib.npz")["x"]}  # NHWC data for the NCHW model
-    with pytest.raises(DataError) as info:
-        ob.onnx_quantize_static(digits / "digits.onnx", tmp_path / "q.onnx", nhwc)
-    message = str(info.value)
-    assert "'image'" in message and "(N, 1, 8, 8)" in message and "(300, 8, 8, 1)" in message
-    with pytest.raises(DataError, match="pixels"):
-        ob.onnx_quantize_static(digits / "digits.onnx", tmp_path / "q.onnx", {"pixels": nhwc["image"]})
-    only_out(tmp_path, tmp_path / "q.onnx")
-
-
-def test_static_int8_unknown_method(digits: Path, tmp_path: Path, calib_nchw: dict) -> None:
-    with pytest.raises(BuildError, match="kl-divergence"):
-        ob.onnx_quantize_static(digits / "digits.onnx", tmp_path / "q.onnx", calib_nchw, method="kl-divergence")
-    only_out(tmp_path, tmp_path / "q.onnx")
 
 
 # ----------------------------------------------------------------------------------------------- runnable
