@@ -1,4 +1,5 @@
-"""Shared fixtures: the digits example model and data, trained once per test session (offline, ~15 s)."""
+"""Shared fixtures: the digits example model and data (examples/digits/out, git-ignored), trained offline once
+when missing (~15 s), before any test runs, so every test module can rely on it."""
 
 from __future__ import annotations
 
@@ -11,16 +12,20 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parent.parent
+DIGITS = ROOT / "examples" / "digits" / "out"
+DIGITS_FILES = ("digits.keras", "digits.onnx", "calib.npz", "eval.npz", "eval_nchw.npz", "train.npz")
 
 
-@pytest.fixture(scope="session")
-def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture(scope="session", autouse=True)
+def digits_dir() -> Path:
     """examples/digits/train.py output: digits.keras, digits.onnx, calib.npz, eval.npz, eval_nchw.npz, train.npz."""
-    out = tmp_path_factory.mktemp("digits")
-    subprocess.run(
-        [sys.executable, str(ROOT / "examples/digits/train.py"), "--out", str(out)], check=True, capture_output=True
-    )
-    return out
+    if not all((DIGITS / f).is_file() for f in DIGITS_FILES):
+        subprocess.run(
+            [sys.executable, str(ROOT / "examples/digits/train.py"), "--out", str(DIGITS)],
+            check=True,
+            capture_output=True,
+        )
+    return DIGITS
 
 
 @pytest.fixture(scope="session")

@@ -35,10 +35,8 @@ def _leftovers(folder: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def digits() -> Path:
-    if not DIGITS.is_file():
-        pytest.skip("run examples/digits/train.py first")
-    return DIGITS
+def digits(digits_dir: Path) -> Path:
+    return digits_dir / "digits.keras"
 
 
 @pytest.fixture(scope="module")

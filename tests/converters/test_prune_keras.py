@@ -7,19 +7,18 @@ import os
 import zipfile
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
+import zstandard
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-keras = pytest.importorskip("keras")
-zstandard = pytest.importorskip("zstandard")
 
-from converters.model_types import PruneResult  # noqa: E402
-from converters.prune_keras import prune_keras  # noqa: E402
-from edgeops.errors import BuildError, DataError, ModelLoadError, OutputError  # noqa: E402
+from converters.model_types import PruneResult
+from converters.prune_keras import prune_keras
+from edgeops.errors import BuildError, DataError, ModelLoadError, OutputError
 
 DIGITS = Path(__file__).resolve().parents[2] / "examples" / "digits" / "out"
-pytestmark = pytest.mark.skipif(not (DIGITS / "digits.keras").is_file(), reason="run examples/digits/train.py first")
 
 
 def _load(path: Path):  # type: ignore[no-untyped-def]
