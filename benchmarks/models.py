@@ -53,8 +53,14 @@ def digits_model(out_dir: Path) -> BenchModel:
     trained = not all(f.is_file() for f in files)
     if trained:
         _digits_module().main(["--out", str(out_dir)])
-    return BenchModel("digits", "examples/digits CNN, 8x8x1 input, 3 conv + 2 dense (overhead-bound)",
-                      files[0], files[1], files[2], round(time.perf_counter() - t0, 1) if trained else 0.0)
+    return BenchModel(
+        "digits",
+        "examples/digits CNN, 8x8x1 input, 3 conv + 2 dense (overhead-bound)",
+        files[0],
+        files[1],
+        files[2],
+        round(time.perf_counter() - t0, 1) if trained else 0.0,
+    )
 
 
 def upsample(x: np.ndarray, size: int) -> np.ndarray:
@@ -92,8 +98,7 @@ def conv32_model(out_dir: Path, *, size: int = 32, epochs: int = 4) -> BenchMode
     """
     import time
 
-    keras_path, calib_path, eval_path = (out_dir / f"conv{size}.keras", out_dir / "calib.npz",
-                                         out_dir / "eval.npz")
+    keras_path, calib_path, eval_path = (out_dir / f"conv{size}.keras", out_dir / "calib.npz", out_dir / "eval.npz")
     description = f"VGG-style 6-conv CNN + BatchNorm on digits upsampled to {size}x{size} (compute-bound)"
     if keras_path.is_file() and calib_path.is_file() and eval_path.is_file():
         return BenchModel(f"conv{size}", description, keras_path, calib_path, eval_path, 0.0)
@@ -105,13 +110,11 @@ def conv32_model(out_dir: Path, *, size: int = 32, epochs: int = 4) -> BenchMode
     x_tr, x_ev = upsample(x_tr, size), upsample(x_ev, size)
     keras.utils.set_random_seed(SEED)
     model = _conv32_network(size)
-    model.compile(optimizer=keras.optimizers.Adam(2e-3), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
+    model.compile(optimizer=keras.optimizers.Adam(2e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     model.fit(x_tr, y_tr, epochs=epochs, batch_size=32, verbose=0)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save(keras_path)
     idx = np.random.default_rng(SEED).choice(len(x_tr), size=CALIB_SAMPLES, replace=False)
     np.savez(calib_path, x=x_tr[idx])
     np.savez(eval_path, x=x_ev, y=y_ev)
-    return BenchModel(f"conv{size}", description, keras_path, calib_path, eval_path,
-                      round(time.perf_counter() - t0, 1))
+    return BenchModel(f"conv{size}", description, keras_path, calib_path, eval_path, round(time.perf_counter() - t0, 1))
