@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from converters.model_types import Feeds, ModelFormat, Precision, TensorSpec
+from edgeops.atomic_file import write_bytes_atomic
 from edgeops.errors import (
     BuildError,
     DataError,
@@ -392,26 +393,12 @@ def _converter_summary(text: str) -> str:
 
 
 def _write_atomic(out: Path, data: bytes) -> None:
-    """Write ``data`` to ``out`` through a temp file in the same folder, fsync and ``os.replace``."""
+    """Write ``data`` to ``out`` atomically (creating its folder). Raises OutputError."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     except OSError as exc:
         raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from exc
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from exc
-    dir_fd = os.open(out.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_bytes_atomic(out, data)
 
 
 def _remove_stale(out: Path) -> None:

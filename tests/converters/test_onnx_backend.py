@@ -6,8 +6,6 @@ Precision changes (fp16, int8) are tested in test_onnx_quantize.py.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +22,9 @@ DIGITS = ROOT / "examples" / "digits" / "out"
 
 
 @pytest.fixture(scope="session")
-def digits() -> Path:
-    """The digits example (trained on first use: seeded, offline, well under a minute)."""
-    if not (DIGITS / "digits.onnx").is_file():
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-        subprocess.run([sys.executable, str(ROOT / "examples/digits/train.py")], check=True, env=env)
-    return DIGITS
+def digits(digits_dir: Path) -> Path:
+    """The digits example (tests/conftest.py trains it when missing)."""
+    return digits_dir
 
 
 def run(path: Path, x: np.ndarray, name: str = "image") -> np.ndarray:
