@@ -157,7 +157,7 @@ def build_edgeops(bm: BenchModel, work: Path) -> tuple[Any, list[Row]]:
     )
     inputs, results = run_build(
         req,
-        progress=lambda p, step: (
+        progress=lambda p, step, _steps: (
             print(f"  [{bm.name}] {p} {step}", flush=True) if step in ("convert", "load") else None
         ),
     )

@@ -33,8 +33,8 @@ from edgeops.signing import load_private_key
 
 __all__ = ["BuildRequest", "ProfileResult", "run_build"]
 
-Progress = Callable[[str, str], None]
-"""progress(profile, pass_name) is called before each pass."""
+Progress = Callable[[str, str, int], None]
+"""progress(profile, step, steps) is called before each step; ``steps`` is the profile's pass count."""
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ def _run_profile(
         state = ModelState(fmt=ModelFormat(inputs.source.fmt), path=inputs.source.path)
         try:
             for name in profile.passes:
-                progress(profile.name, name)
+                progress(profile.name, name, len(profile.passes))
                 started = time.perf_counter()
                 state = get_pass(name).run(ctx, state, make_config(name, profile.pass_options.get(name, {})))
                 ctx.outcome.pass_seconds[name] = round(time.perf_counter() - started, 3)
@@ -130,7 +130,7 @@ def _run_profile(
 
 
 def run_build(
-    req: BuildRequest, progress: Progress = lambda profile, step: None
+    req: BuildRequest, progress: Progress = lambda profile, step, steps: None
 ) -> tuple[_Inputs, list[ProfileResult]]:
     """Build every requested profile. Raises EdgeopsError for problems common to all profiles."""
     try:
@@ -141,7 +141,7 @@ def run_build(
     _check_out_dir(req.out_dir)
     profiles = [load_profile(p, req.profiles_dirs) for p in dict.fromkeys(req.profiles)]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    progress("", "load")
+    progress("", "load", 1)
     inputs = _load_inputs(req)
     results = []
     for profile in profiles:

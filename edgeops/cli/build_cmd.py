@@ -80,13 +80,12 @@ def _run(args: argparse.Namespace) -> int:
     with Progress(*columns, console=console, transient=False) as bar:
         tasks: dict[str, Any] = {}
 
-        def progress(profile: str, step: str) -> None:
+        def progress(profile: str, step: str, steps: int) -> None:
             key = profile or "(inputs)"
             if key not in tasks:
                 for t in tasks.values():
                     bar.update(t, completed=bar.tasks[t].total, step="done")
-                total = 1 if not profile else 7
-                tasks[key] = bar.add_task(key, total=total, step=step)
+                tasks[key] = bar.add_task(key, total=steps, step=step)
             else:
                 bar.update(tasks[key], advance=1, step=step)
 
