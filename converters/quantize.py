@@ -16,7 +16,7 @@ import numpy as np
 from converters.convert import tf_input_shapes
 from converters.model_types import ModelFormat, ModelState, Precision
 from converters.pass_context import PassContext
-from converters.registry import register
+from converters.registry import make_config, register
 from edgeops.errors import DataError
 
 __all__ = ["QuantizeConfig"]
@@ -86,14 +86,11 @@ def _onnx(ctx: PassContext, state: ModelState, cfg: QuantizeConfig, precision: P
 
 
 def _coreml(ctx: PassContext, state: ModelState, precision: Precision) -> ModelState:
-    from converters.convert import ConvertConfig
     from converters.coreml_backend import tf_to_coreml
 
     if state.tf_source is None or state.tf_source_fmt is None:
         raise RuntimeError("quantize: convert did not leave a TensorFlow graph")
-    target = ctx.profile.pass_options.get("convert", {}).get(
-        "minimum_deployment_target", ConvertConfig.minimum_deployment_target
-    )
+    target = make_config("convert", ctx.profile.pass_options.get("convert", {})).minimum_deployment_target
     out = ctx.workdir / f"model_{precision}.mlpackage"
     tf_to_coreml(
         state.tf_source,

@@ -10,6 +10,7 @@ it was not executed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -101,9 +102,10 @@ def _structural(ctx: PassContext, state: ModelState) -> None:
     from converters.coreml_package import check_coreml
 
     check = check_coreml(state.path)
-    want = {k: v for k, v in ctx.input_shapes.items()}
-    got = {t.name: t.shape for t in check.inputs}
-    if len(got) != len(want):
+    # names and element counts must match the source (the layout may differ: NCHW sources become NHWC)
+    want = {name: math.prod(shape) for name, shape in ctx.input_shapes.items()}
+    got = {t.name: math.prod(d or 0 for d in t.shape) for t in check.inputs}
+    if got != want:
         raise BuildError(
             f"profile {ctx.profile.name}: Core ML model has inputs {got}, expected {want}", profile=ctx.profile.name
         )

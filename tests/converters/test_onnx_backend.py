@@ -17,15 +17,6 @@ from converters import onnx_backend as ob
 from converters.model_types import ModelFormat
 from edgeops.errors import DataError, ModelLoadError, UnsupportedOpError
 
-ROOT = Path(__file__).resolve().parents[2]
-DIGITS = ROOT / "examples" / "digits" / "out"
-
-
-@pytest.fixture(scope="session")
-def digits(digits_dir: Path) -> Path:
-    """The digits example (tests/conftest.py trains it when missing)."""
-    return digits_dir
-
 
 def run(path: Path, x: np.ndarray, name: str = "image") -> np.ndarray:
     import onnxruntime as ort
@@ -43,8 +34,8 @@ def only_out(tmp: Path, out: Path) -> None:
 # ----------------------------------------------------------------------------------------------- read
 
 
-def test_read_onnx_io_reports_names_dynamic_batch_and_dtypes(digits: Path) -> None:
-    inputs, outputs = ob.read_onnx_io(digits / "digits.onnx")
+def test_read_onnx_io_reports_names_dynamic_batch_and_dtypes(digits_dir: Path) -> None:
+    inputs, outputs = ob.read_onnx_io(digits_dir / "digits.onnx")
     assert [(s.name, s.shape, s.dtype) for s in inputs] == [("image", (None, 1, 8, 8), "float32")]
     assert [(s.name, s.shape, s.dtype) for s in outputs] == [("probs", (None, 10), "float32")]
 
@@ -66,21 +57,21 @@ def test_corrupt_file_is_a_one_line_model_load_error(tmp_path: Path, content: by
 
 
 @pytest.fixture(scope="module")
-def keras_onnx(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def keras_onnx(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("tf2onnx")
-    ob.tf_to_onnx(digits / "digits.keras", ModelFormat.KERAS, tmp / "a.onnx")
-    ob.tf_to_onnx(digits / "digits.keras", ModelFormat.KERAS, tmp / "b.onnx")
+    ob.tf_to_onnx(digits_dir / "digits.keras", ModelFormat.KERAS, tmp / "a.onnx")
+    ob.tf_to_onnx(digits_dir / "digits.keras", ModelFormat.KERAS, tmp / "b.onnx")
     return tmp / "a.onnx", tmp / "b.onnx"
 
 
-def test_tf_to_onnx_keeps_names_layout_and_matches_keras(digits: Path, keras_onnx: tuple[Path, Path]) -> None:
+def test_tf_to_onnx_keeps_names_layout_and_matches_keras(digits_dir: Path, keras_onnx: tuple[Path, Path]) -> None:
     import keras
 
     inputs, outputs = ob.read_onnx_io(keras_onnx[0])
     assert [(s.name, s.shape) for s in inputs] == [("image", (None, 8, 8, 1))]  # NHWC kept, batch dynamic
     assert [(s.name, s.shape) for s in outputs] == [("probs", (None, 10))]
-    x = np.load(digits / "eval.npz")["x"].astype(np.float32)
-    expected = keras.models.load_model(digits / "digits.keras", compile=False).predict(x, verbose=0)
+    x = np.load(digits_dir / "eval.npz")["x"].astype(np.float32)
+    expected = keras.models.load_model(digits_dir / "digits.keras", compile=False).predict(x, verbose=0)
     assert np.abs(run(keras_onnx[0], x) - expected).max() < 1e-4
     assert np.abs(run(keras_onnx[0], x[:1]) - expected[:1]).max() < 1e-4
 
@@ -89,15 +80,15 @@ def test_tf_to_onnx_is_deterministic(keras_onnx: tuple[Path, Path]) -> None:
     assert keras_onnx[0].read_bytes() == keras_onnx[1].read_bytes()
 
 
-def test_tf_to_onnx_from_savedmodel(digits: Path, tmp_path: Path) -> None:
+def test_tf_to_onnx_from_savedmodel(digits_dir: Path, tmp_path: Path) -> None:
     import keras
 
-    model = keras.models.load_model(digits / "digits.keras", compile=False)
+    model = keras.models.load_model(digits_dir / "digits.keras", compile=False)
     model.export(str(tmp_path / "sm"), format="tf_saved_model", verbose=False)
     ob.tf_to_onnx(tmp_path / "sm", ModelFormat.SAVEDMODEL, tmp_path / "sm.onnx")
     inputs, outputs = ob.read_onnx_io(tmp_path / "sm.onnx")
     assert inputs[0].shape == (None, 8, 8, 1) and ":" not in inputs[0].name + outputs[0].name
-    x = np.load(digits / "eval.npz")["x"].astype(np.float32)
+    x = np.load(digits_dir / "eval.npz")["x"].astype(np.float32)
     got = run(tmp_path / "sm.onnx", x, inputs[0].name)
     assert np.abs(got - model.predict(x, verbose=0)).max() < 1e-4
 
@@ -113,19 +104,19 @@ def test_tf_to_onnx_corrupt_keras_file(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------------------- shapes
 
 
-def test_fix_input_shapes_makes_inputs_and_outputs_static(digits: Path, tmp_path: Path) -> None:
+def test_fix_input_shapes_makes_inputs_and_outputs_static(digits_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "static.onnx"
-    ob.fix_onnx_input_shapes(digits / "digits.onnx", out, {"image": (1, 1, 8, 8)})
+    ob.fix_onnx_input_shapes(digits_dir / "digits.onnx", out, {"image": (1, 1, 8, 8)})
     inputs, outputs = ob.read_onnx_io(out)
     assert inputs[0].shape == (1, 1, 8, 8) and outputs[0].shape == (1, 10)
-    x = np.load(digits / "eval_nchw.npz")["x"][:1].astype(np.float32)
-    assert np.allclose(run(out, x), run(digits / "digits.onnx", x), atol=1e-6)
+    x = np.load(digits_dir / "eval_nchw.npz")["x"][:1].astype(np.float32)
+    assert np.allclose(run(out, x), run(digits_dir / "digits.onnx", x), atol=1e-6)
 
 
 @pytest.mark.parametrize("shapes", [{"pixels": (1, 1, 8, 8)}, {"image": (1, 8, 8)}, {"image": (1, 3, 8, 8)}])
-def test_fix_input_shapes_rejects_unknown_or_conflicting(digits: Path, tmp_path: Path, shapes: dict) -> None:
+def test_fix_input_shapes_rejects_unknown_or_conflicting(digits_dir: Path, tmp_path: Path, shapes: dict) -> None:
     with pytest.raises(DataError):
-        ob.fix_onnx_input_shapes(digits / "digits.onnx", tmp_path / "x.onnx", shapes)
+        ob.fix_onnx_input_shapes(digits_dir / "digits.onnx", tmp_path / "x.onnx", shapes)
     only_out(tmp_path, tmp_path / "x.onnx")
 
 
@@ -165,5 +156,5 @@ def test_standard_op_without_kernel_for_dtype_is_unsupported_op(tmp_path: Path) 
     assert info.value.op == "Sqrt"
 
 
-def test_digits_model_is_runnable(digits: Path) -> None:
-    ob.check_onnx_runnable(digits / "digits.onnx")
+def test_digits_model_is_runnable(digits_dir: Path) -> None:
+    ob.check_onnx_runnable(digits_dir / "digits.onnx")
