@@ -10,7 +10,11 @@ non-zero exit. A caller's misuse of an API (wrong argument type, calling out of 
     ├── UntrustedInput            bytes from a file or the network that fail a check
     │   ├── ArtifactFormatError   not a well-formed edgeops artifact (truncated, extra bytes, bad header)
     │   ├── SignatureError        missing signature, wrong key, signature does not match
-    │   └── IntegrityError        a file's bytes do not match the sha256 the signed manifest names
+    │   ├── IntegrityError        a file's bytes do not match the sha256 the signed manifest names
+    │   ├── ProfileMismatch       an artifact built for another hardware profile than the device's
+    │   ├── DowngradeError        an artifact not newer than what the device has run (anti-rollback)
+    │   ├── CommandRejected       a fleet command that is malformed, unsigned, forged, expired or replayed
+    │   └── RequestError          a malformed inference request (shape, dtype, size)
     ├── KeyFileError              a signing/public key file is missing, unreadable or not Ed25519
     ├── ProfileError              unknown profile, malformed profile TOML, unknown pass or option
     ├── BuildError                the compiler could not produce a valid artifact
@@ -18,7 +22,14 @@ non-zero exit. A caller's misuse of an API (wrong argument type, calling out of 
     │   ├── UnsupportedOpError    an op the profile's target cannot run (names the op and the profile)
     │   ├── DataError             calibration/eval/train data missing, unreadable or of the wrong shape
     │   └── GateFailure           the built artifact missed a budget (names the profile and the figure)
-    └── OutputError               the output folder cannot be written
+    ├── OutputError               the output folder cannot be written
+    ├── ConfigError               agent.toml is missing or invalid
+    ├── HealthGateFailed          a new model failed its health gate on the device (load, golden, latency)
+    ├── StorageError              the device cannot persist something (disk full, read-only data dir)
+    └── TransportError            the broker cannot be reached (the agent keeps serving and spools)
+
+``edgeops.runtime.RuntimeUnavailable`` (an EdgeopsError) is raised when a model's runtime is missing or cannot
+load the model.
 """
 
 from __future__ import annotations
@@ -26,15 +37,23 @@ from __future__ import annotations
 __all__ = [
     "ArtifactFormatError",
     "BuildError",
+    "CommandRejected",
+    "ConfigError",
     "DataError",
+    "DowngradeError",
     "EdgeopsError",
     "GateFailure",
+    "HealthGateFailed",
     "IntegrityError",
     "KeyFileError",
     "ModelLoadError",
     "OutputError",
     "ProfileError",
+    "ProfileMismatch",
+    "RequestError",
     "SignatureError",
+    "StorageError",
+    "TransportError",
     "UnsupportedOpError",
     "UntrustedInput",
 ]
@@ -104,3 +123,48 @@ class GateFailure(BuildError):
 
 class OutputError(EdgeopsError):
     """The output location cannot be created or written."""
+
+
+class ProfileMismatch(UntrustedInput):
+    """The artifact was built for another hardware profile than the device's."""
+
+
+class DowngradeError(UntrustedInput):
+    """The artifact's version is not newer than the highest version this device has accepted."""
+
+
+class CommandRejected(UntrustedInput):
+    """A fleet command failed a check; ``reason`` is a short code that goes on the event topic."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"command rejected ({reason}){': ' + detail if detail else ''}")
+        self.reason = reason
+        self.detail = detail
+
+
+class RequestError(UntrustedInput):
+    """An inference request that does not fit the model (names, shape, dtype, size)."""
+
+    def __init__(self, message: str, *, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status  # the HTTP status the local API answers with (400, 413, 415)
+
+
+class ConfigError(EdgeopsError):
+    """The agent configuration is missing or invalid (names the file and the key)."""
+
+
+class HealthGateFailed(EdgeopsError):
+    """A model failed the device's health gate; ``check`` is "load", "golden" or "latency"."""
+
+    def __init__(self, message: str, *, check: str) -> None:
+        super().__init__(message)
+        self.check = check
+
+
+class StorageError(EdgeopsError):
+    """The device could not persist data (disk full, read-only or missing data directory)."""
+
+
+class TransportError(EdgeopsError):
+    """The MQTT broker cannot be reached or refused the connection."""
