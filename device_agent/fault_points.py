@@ -15,7 +15,7 @@ __all__ = ["POINTS", "fault_point"]
 POINTS = (
     "stage.copied",  # the new artifact is in the temp file, fsynced, not yet verified
     "stage.verified",  # verified in the temp file, not yet renamed into the slot
-    "stage.renamed",  # renamed into the inactive slot, state.json not yet updated
+    "stage.renamed",  # renamed into the candidate slot, state.json not yet updated
     "install.gated",  # health gate passed, state.json not yet committed
     "install.committed",  # state.json committed, the new model not yet serving
 )

@@ -1,17 +1,20 @@
-"""A/B model slots on the device's disk, with one atomic commit point.
+"""Model slots on the device's disk — active, previous and candidate — with one atomic commit point.
 
 Layout under ``root`` (``DATA_DIR/slots``)::
 
-    a.edgeops  b.edgeops  state.json     {"active": "a", "previous": "b", "floor": "1.2.0", "versions": {...}}
+    a.edgeops  b.edgeops  c.edgeops  state.json   {"active": "a", "previous": "b", "floor": "1.2.0", ...}
+
+Three slots rather than A/B: a candidate is staged in the slot that is neither active nor previous, so an
+install that fails its checks or its health gate never costs the device its rollback target. (Models are small
+next to a root filesystem; the third copy is the price of always having a fallback.)
 
 Guarantees:
 
-- :meth:`SlotStore.stage` never touches the active slot. It copies the artifact into a temp file beside the
-  inactive slot, fsyncs it, verifies it *from that file* (structure, signature by a trusted key, every file
+- :meth:`SlotStore.stage` never touches the active or the previous slot. It copies the artifact into a temp
+  file beside the candidate slot, fsyncs it, verifies it *from that file* (structure, signature by a trusted key, every file
   hash, profile = the device's, version newer than the anti-rollback floor), renames it into place and fsyncs
   the directory. A kill at any point leaves the old slot file or the complete new one, and ``state.json``
-  unchanged. When the inactive slot held the previous model, ``state.json`` first forgets it, so the state
-  never names a slot whose bytes changed under it.
+  unchanged; the state never names a slot whose bytes changed under it.
 - :meth:`SlotStore.commit` is the only moment a swap becomes durable: ``state.json`` is replaced atomically
   (temp, fsync, rename, fsync dir). The floor only moves up, so a version rolled away from cannot come back.
 - :meth:`SlotStore.verify_slot` re-verifies a slot from disk; the agent calls it before it loads anything.
@@ -49,7 +52,7 @@ from edgeops.manifest import parse_semver
 
 __all__ = ["SLOTS", "SlotState", "SlotStore"]
 
-SLOTS = ("a", "b")
+SLOTS = ("a", "b", "c")
 STATE_FILE = "state.json"
 DEFAULT_MAX_ARTIFACT_BYTES = 2 * 1024**3
 
@@ -142,8 +145,10 @@ class SlotStore:
         for tmp in self.root.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
 
-    def inactive_slot(self) -> str:
-        return SLOTS[1] if self._state.active == SLOTS[0] else SLOTS[0]
+    def candidate_slot(self) -> str:
+        """The slot a new artifact is staged in: neither the active nor the previous one."""
+        taken = {self._state.active, self._state.previous}
+        return next(s for s in SLOTS if s not in taken)
 
     # -- install -----------------------------------------------------------------------------------------------
     def check_manifest(self, artifact: VerifiedArtifact) -> None:
@@ -156,20 +161,18 @@ class SlotStore:
             raise DowngradeError(f"version {m.version} is not newer than {floor} (anti-rollback)")
 
     def stage(self, src: Path) -> tuple[str, VerifiedArtifact]:
-        """Copy ``src`` into the inactive slot and verify it there; returns (slot, verified artifact).
+        """Copy ``src`` into the candidate slot and verify it there; returns (slot, verified artifact).
 
         Raises UntrustedInput (format, signature, integrity, profile, downgrade), StorageError (disk full,
-        unreadable source). The active slot and state.json's active entry are never modified.
+        unreadable source). The active and previous slots (files and state entries) are never modified.
         """
-        slot = self.inactive_slot()
+        slot = self.candidate_slot()
         try:
             size = src.stat().st_size
         except OSError as exc:
             raise StorageError(f"cannot read {src}: {exc.strerror}") from None
         if size > self.max_artifact_bytes:
             raise UntrustedInput(f"artifact is {size} bytes, over the device's limit of {self.max_artifact_bytes}")
-        if self._state.previous == slot:
-            self._write_state(dataclasses.replace(self._state, previous=None))
         tmp = self.root / f".{slot}.edgeops.tmp"
         try:
             self._copy_synced(src, tmp)

@@ -14,7 +14,7 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    from edgeops.cli import artifact_cmds, build_cmd, profiles_cmd
+    from edgeops.cli import artifact_cmds, build_cmd, command_cmd, profiles_cmd
 
     parser = argparse.ArgumentParser(prog="edgeops", description="Build, sign and ship ML models to edge fleets.")
     parser.add_argument("--version", action="version", version=f"edgeops {__version__}")
@@ -22,6 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     build_cmd.add_parser(sub)
     artifact_cmds.add_parsers(sub)
     profiles_cmd.add_parser(sub)
+    command_cmd.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,129 @@
+"""Everything the agent says to the fleet: events and telemetry through the durable spool, state retained.
+
+- :meth:`Reporter.event` and :meth:`Reporter.telemetry` write to the SQLite spool first (durable, bounded,
+  ordered) and wake the outbox, which publishes them when the broker is reachable. They never block on the
+  network and never raise for a storage problem (logged instead: telemetry must not stop inference).
+- :meth:`Reporter.publish_state` publishes the retained state directly when connected; it is not spooled
+  (only the latest state matters) and is re-published on every (re)connect by the link's ``on_connect``.
+- The last will marks the device offline when its connection drops; a clean stop publishes an offline state
+  and disconnects cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from device_agent.config import AgentConfig
+from device_agent.mqtt_link import BrokerSettings, MqttLink, Will
+from device_agent.outbox import Outbox
+from device_agent.spool import Spool
+from edgeops.errors import EdgeopsError, StorageError, TransportError
+from edgeops.protocol import device_topics, group_cmd_topic, parse_broker_url
+
+__all__ = ["Reporter", "broker_settings"]
+
+log = logging.getLogger(__name__)
+
+
+def broker_settings(cfg: AgentConfig) -> BrokerSettings:
+    host, port, tls = parse_broker_url(cfg.broker.url)
+    b = cfg.broker
+    return BrokerSettings(
+        host=host,
+        port=port,
+        tls=tls,
+        username=b.username,
+        password=b.password,
+        keepalive_s=b.keepalive_s,
+        ca_file=b.ca_file,
+        cert_file=b.cert_file,
+        key_file=b.key_file,
+    )
+
+
+def _json(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str).encode()
+
+
+class Reporter:
+    """The agent's voice on MQTT (see the module docstring)."""
+
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        *,
+        state: Callable[[], dict[str, Any]],
+        on_command: Callable[[str, bytes], None],
+        connect: bool = True,
+    ) -> None:
+        self.cfg = cfg
+        self.topics = device_topics(cfg.fleet, cfg.device_id)
+        self._state = state
+        self.spool = Spool(Path(cfg.data_dir) / "spool.sqlite", max_messages=cfg.telemetry.spool_max_messages)
+        self.link: MqttLink | None = None
+        self.outbox: Outbox | None = None
+        if connect:
+            offline = _json({"device": cfg.device_id, "online": False, "reason": "connection lost"})
+            self.link = MqttLink(
+                broker_settings(cfg),
+                client_id=f"edgeops-{cfg.fleet}-{cfg.device_id}",
+                will=Will(self.topics.state, offline),
+                subscriptions=self.command_topics(),
+                on_message=on_command,
+                on_connect=self.publish_state,
+            )
+            self.outbox = Outbox(self.spool, self.link)
+
+    def command_topics(self) -> list[str]:
+        return [self.topics.cmd, *(group_cmd_topic(self.cfg.fleet, g) for g in self.cfg.groups)]
+
+    def start(self) -> None:
+        if self.link is not None and self.outbox is not None:
+            self.link.start()
+            self.outbox.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.outbox is not None and self.link is not None:
+            if self.link.connected:
+                self.outbox.flush(timeout)
+            self.outbox.stop(timeout)
+            final = _json({"device": self.cfg.device_id, "online": False, "reason": "shutdown", "ts": time.time()})
+            self.link.stop(final=(self.topics.state, final), timeout=timeout)
+        self.spool.close()
+
+    @property
+    def connected(self) -> bool:
+        return self.link is not None and self.link.connected
+
+    def _spool(self, topic: str, doc: dict[str, Any]) -> None:
+        try:
+            self.spool.put_json(topic, doc)
+        except StorageError as exc:
+            log.error("cannot spool a message for %s: %s", topic, exc)
+            return
+        if self.outbox is not None:
+            self.outbox.wake()
+
+    def event(self, kind: str, **fields: Any) -> None:
+        """Report an event (install, rollback, health, drift, command ...) through the spool."""
+        doc = {"type": kind, "device": self.cfg.device_id, "ts": time.time(), **fields}
+        log.info("event %s %s", kind, {k: v for k, v in fields.items() if k != "gate"})
+        self._spool(self.topics.event, doc)
+
+    def telemetry(self, doc: dict[str, Any]) -> None:
+        self._spool(self.topics.telemetry, {"device": self.cfg.device_id, "ts": time.time(), **doc})
+
+    def publish_state(self) -> None:
+        """Publish the retained state now when connected (called on every connect too)."""
+        if self.link is None:
+            return
+        doc = {"device": self.cfg.device_id, "online": True, "ts": time.time(), **self._state()}
+        try:
+            self.link.publish(self.topics.state, _json(doc), qos=1, retain=True)
+        except (TransportError, EdgeopsError) as exc:
+            log.info("state not published (%s); it goes out on the next connect", exc)
