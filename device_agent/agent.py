@@ -174,8 +174,14 @@ class Agent:
                     budget_factor=self.cfg.health.latency_budget_factor,
                 )
             if not gate.passed:
-                self.reporter.event("install.rejected", source=source, version=version, check=gate.check,
-                                    reason=gate.reason, gate=gate.to_json())
+                self.reporter.event(
+                    "install.rejected",
+                    source=source,
+                    version=version,
+                    check=gate.check,
+                    reason=gate.reason,
+                    gate=gate.to_json(),
+                )
                 return gate
             fault_point("install.gated")
             if shadow:
@@ -228,8 +234,13 @@ class Agent:
             else:
                 self.host.swap(fallback)
             self.telemetry.model_changed(fallback)
-            self.reporter.event("rollback", automatic=automatic, reason=reason, version=fallback.version,
-                                previous=failed.version if failed else None)
+            self.reporter.event(
+                "rollback",
+                automatic=automatic,
+                reason=reason,
+                version=fallback.version,
+                previous=failed.version if failed else None,
+            )
         self.reporter.publish_state()
         return fallback.version
 

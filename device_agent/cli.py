@@ -74,8 +74,13 @@ def _run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     agent.start()
-    log.info("agent %s/%s up: model %s, api %s", cfg.fleet, cfg.device_id, agent.active_version(),
-             agent.api.address if agent.api else "off")
+    log.info(
+        "agent %s/%s up: model %s, api %s",
+        cfg.fleet,
+        cfg.device_id,
+        agent.active_version(),
+        agent.api.address if agent.api else "off",
+    )
     _sd_notify("READY=1")
     while not agent.wait(1.0):
         pass
@@ -118,7 +123,9 @@ def _infer(args: argparse.Namespace) -> int:
     if args.out:
         np.save(args.out, next(iter(outputs.values())))
     if args.json:
-        print(json.dumps({"model_version": version, "via": via, "outputs": {k: v.tolist() for k, v in outputs.items()}}))
+        print(
+            json.dumps({"model_version": version, "via": via, "outputs": {k: v.tolist() for k, v in outputs.items()}})
+        )
     else:
         for name, y in outputs.items():
             top = f", top-1 {int(np.argmax(y.reshape(-1, y.shape[-1])[0]))}" if y.ndim >= 1 and y.size else ""
@@ -156,9 +163,11 @@ def _status(args: argparse.Namespace) -> int:
         print(json.dumps(doc, sort_keys=True))
     else:
         slots = doc.get("slots", {})
-        print(f"device {doc.get('device')}: {'running' if doc['running'] else 'not running'}; active slot "
-              f"{slots.get('active')} ({slots.get('versions', {}).get(slots.get('active'), '-')}), previous "
-              f"{slots.get('previous')}, floor {slots.get('floor')}")
+        print(
+            f"device {doc.get('device')}: {'running' if doc['running'] else 'not running'}; active slot "
+            f"{slots.get('active')} ({slots.get('versions', {}).get(slots.get('active'), '-')}), previous "
+            f"{slots.get('previous')}, floor {slots.get('floor')}"
+        )
     return 0
 
 

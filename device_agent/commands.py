@@ -9,6 +9,7 @@ paho's network thread is never blocked by an install; a full queue rejects with 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -61,8 +62,9 @@ class CommandDispatcher:
         try:
             cmd = self.guard.check(payload, now=time.time())
         except CommandRejected as exc:
-            events.event("command.rejected", reason=exc.reason, detail=exc.detail, topic=topic,
-                         nonce=peek_nonce(payload))
+            events.event(
+                "command.rejected", reason=exc.reason, detail=exc.detail, topic=topic, nonce=peek_nonce(payload)
+            )
             return
         try:
             self._queue.put_nowait(cmd)
@@ -86,8 +88,9 @@ class CommandDispatcher:
                 self.agent.reporter.event("command.failed", cmd=name, nonce=cmd.nonce, reason=f"internal: {exc}")
             else:
                 if isinstance(result, dict) and result.get("failed"):
-                    self.agent.reporter.event("command.failed", cmd=name, nonce=cmd.nonce, reason=result["reason"],
-                                              result=result)
+                    self.agent.reporter.event(
+                        "command.failed", cmd=name, nonce=cmd.nonce, reason=result["reason"], result=result
+                    )
                 else:
                     self.agent.reporter.event("command.done", cmd=name, nonce=cmd.nonce, result=result)
 
@@ -106,9 +109,7 @@ class CommandDispatcher:
         return doc
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(queue.Full):
             self._queue.put(None, timeout=1.0)
-        except queue.Full:
-            pass
         self._thread.join(timeout=5)
         self._nonces.close()

@@ -82,14 +82,16 @@ def _take(doc: dict[str, Any], key: str, kind: type | tuple[type, ...], where: s
         if default is ...:
             raise ConfigError(f"{where}: missing required key {key!r}")
         return default
-    value = doc.pop(key)
+    value: Any = doc.pop(key)
     if isinstance(value, bool) and kind in (int, float, (int, float)):
         raise ConfigError(f"{where}: {key!r} must be a number")
-    if kind is float:
-        kind = (int, float)
+    if kind is float or kind == (int, float):
+        if not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: {key!r} must be a number")
+        return float(value)
     if not isinstance(value, kind):
         raise ConfigError(f"{where}: {key!r} has the wrong type ({type(value).__name__})")
-    return float(value) if kind == (int, float) else value
+    return value
 
 
 def _no_extra(doc: Mapping[str, Any], where: str) -> None:

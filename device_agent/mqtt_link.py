@@ -241,9 +241,7 @@ class MqttLink:
         except Exception:
             log.exception("mqtt: on_message failed for a message on %s", message.topic)
 
-    def _handle_publish(
-        self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode, props: Any
-    ) -> None:
+    def _handle_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode, props: Any) -> None:
         if reason.is_failure:
             log.error("mqtt: the broker refused message %d: %s (dropped)", mid, reason)
 

@@ -110,8 +110,11 @@ class Outbox:
             try:
                 sent.append((msg, self._link.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain)))
             except TransportError as exc:
-                log.info("outbox: batch interrupted (%s); %d message(s) wait for the next connection", exc,
-                         self._spool.pending())
+                log.info(
+                    "outbox: batch interrupted (%s); %d message(s) wait for the next connection",
+                    exc,
+                    self._spool.pending(),
+                )
                 complete = False
                 break
             except ValueError as exc:

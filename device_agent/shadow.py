@@ -8,6 +8,7 @@ largest absolute difference over all outputs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -52,14 +53,17 @@ class ShadowRunner:
     def drain(self, timeout: float = 5.0) -> None:
         """Wait until every queued sample is compared (tests, promote)."""
         done = threading.Event()
-        threading.Thread(target=lambda: (self._queue.join(), done.set()), daemon=True).start()
+
+        def join() -> None:
+            self._queue.join()
+            done.set()
+
+        threading.Thread(target=join, daemon=True).start()
         done.wait(timeout)
 
     def stop(self) -> None:
-        try:
+        with contextlib.suppress(queue.Full):
             self._queue.put(None, timeout=1.0)
-        except queue.Full:
-            pass
 
     def _work(self) -> None:
         while True:

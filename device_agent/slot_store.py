@@ -5,16 +5,16 @@ Layout under ``root`` (``DATA_DIR/slots``)::
     a.edgeops  b.edgeops  c.edgeops  state.json   {"active": "a", "previous": "b", "floor": "1.2.0", ...}
 
 Three slots rather than A/B: a candidate is staged in the slot that is neither active nor previous, so an
-install that fails its checks or its health gate never costs the device its rollback target. (Models are small
-next to a root filesystem; the third copy is the price of always having a fallback.)
+install that fails its checks or its health gate never costs the device its rollback target. (Models are
+small next to a root filesystem; the third copy is the price of always having a fallback.)
 
 Guarantees:
 
 - :meth:`SlotStore.stage` never touches the active or the previous slot. It copies the artifact into a temp
-  file beside the candidate slot, fsyncs it, verifies it *from that file* (structure, signature by a trusted key, every file
-  hash, profile = the device's, version newer than the anti-rollback floor), renames it into place and fsyncs
-  the directory. A kill at any point leaves the old slot file or the complete new one, and ``state.json``
-  unchanged; the state never names a slot whose bytes changed under it.
+  file beside the candidate slot, fsyncs it, verifies it *from that file* (structure, signature by a trusted
+  key, every file hash, profile = the device's, version newer than the anti-rollback floor), renames it into
+  place and fsyncs the directory. A kill at any point leaves the old slot file or the complete new one, and
+  ``state.json`` unchanged; the state never names a slot whose bytes changed under it.
 - :meth:`SlotStore.commit` is the only moment a swap becomes durable: ``state.json`` is replaced atomically
   (temp, fsync, rename, fsync dir). The floor only moves up, so a version rolled away from cannot come back.
 - :meth:`SlotStore.verify_slot` re-verifies a slot from disk; the agent calls it before it loads anything.
@@ -216,9 +216,7 @@ class SlotStore:
         s = self._state
         if s.previous is None:
             raise EdgeopsError("no previous model to roll back to")
-        return self._write_state(
-            dataclasses.replace(s, active=s.previous, previous=s.active if keep_current else None)
-        )
+        return self._write_state(dataclasses.replace(s, active=s.previous, previous=s.active if keep_current else None))
 
     def forget(self, slot: str) -> SlotState:
         """Drop a slot from the state (e.g. it failed re-verification); the file stays for inspection."""

@@ -54,7 +54,9 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory, digits_dir: Path, keys_d
         doc["version"] = "1.1.3"
         doc["recipe"]["profile"]["budgets"]["latency_p95_ms"] = 1e-6
 
-    arts["bad_golden"] = repack(arts["v1.1"], out / "bad-golden.edgeops", key, files=bad_golden, manifest=version("1.1.1"))
+    arts["bad_golden"] = repack(
+        arts["v1.1"], out / "bad-golden.edgeops", key, files=bad_golden, manifest=version("1.1.1")
+    )
     arts["corrupt_model"] = repack(
         arts["v1.1"], out / "corrupt-model.edgeops", key, files=corrupt_model, manifest=version("1.1.2")
     )

@@ -51,16 +51,32 @@ def collector(mosquitto: MosquittoBroker) -> Iterator[Collector]:
     c.close()
 
 
-def _cmd(keys_dir: Path, name: str, args: dict | None = None, *, target: str = f"device/{DEVICE}", ttl: float = 60,
-         now: float | None = None, key: Path | None = None) -> bytes:
+def _cmd(
+    keys_dir: Path,
+    name: str,
+    args: dict | None = None,
+    *,
+    target: str = f"device/{DEVICE}",
+    ttl: float = 60,
+    now: float | None = None,
+    key: Path | None = None,
+) -> bytes:
     return sign_command(
-        load_private_key(key or keys_dir / "signing.key"), name=name, args=args or {}, fleet=FLEET, target=target,
-        now=time.time() if now is None else now, ttl_s=ttl,
+        load_private_key(key or keys_dir / "signing.key"),
+        name=name,
+        args=args or {},
+        fleet=FLEET,
+        target=target,
+        now=time.time() if now is None else now,
+        ttl_s=ttl,
     )
 
 
 def test_state_and_telemetry_arrive(
-    start_agent: Callable[..., Agent], mosquitto: MosquittoBroker, collector: Collector, artifacts: dict[str, Path],
+    start_agent: Callable[..., Agent],
+    mosquitto: MosquittoBroker,
+    collector: Collector,
+    artifacts: dict[str, Path],
     eval_x: np.ndarray,
 ) -> None:
     agent = start_agent(mosquitto.url, initial_artifact=str(artifacts["v1"]), telemetry={"interval_s": 0.5})
@@ -80,8 +96,13 @@ def test_state_and_telemetry_arrive(
 
 
 def test_signed_commands_and_every_rejection(
-    start_agent: Callable[..., Agent], mosquitto: MosquittoBroker, collector: Collector, artifacts: dict[str, Path],
-    keys_dir: Path, tmp_path: Path, eval_x: np.ndarray,
+    start_agent: Callable[..., Agent],
+    mosquitto: MosquittoBroker,
+    collector: Collector,
+    artifacts: dict[str, Path],
+    keys_dir: Path,
+    tmp_path: Path,
+    eval_x: np.ndarray,
 ) -> None:
     agent = start_agent(mosquitto.url, initial_artifact=str(artifacts["v1"]))
     collector.wait_for("/state", lambda d: d.get("online") is True)
@@ -110,8 +131,12 @@ def test_signed_commands_and_every_rejection(
 
 
 def test_install_gate_failure_and_rollback_over_commands(
-    start_agent: Callable[..., Agent], mosquitto: MosquittoBroker, collector: Collector, artifacts: dict[str, Path],
-    keys_dir: Path, eval_x: np.ndarray,
+    start_agent: Callable[..., Agent],
+    mosquitto: MosquittoBroker,
+    collector: Collector,
+    artifacts: dict[str, Path],
+    keys_dir: Path,
+    eval_x: np.ndarray,
 ) -> None:
     agent = start_agent(mosquitto.url, initial_artifact=str(artifacts["v1"]))
     collector.wait_for("/state", lambda d: d.get("online") is True)
@@ -121,8 +146,9 @@ def test_install_gate_failure_and_rollback_over_commands(
         raw = _cmd(keys_dir, "install-from-file", {"path": str(artifacts[name])})
         nonce = json.loads(__import__("base64").b64decode(json.loads(raw)["payload"]))["nonce"]
         collector.publish(T.cmd, raw)
-        return collector.wait_for("/event", lambda d: d.get("nonce") == nonce and d["type"] in (
-            "command.done", "command.failed"))
+        return collector.wait_for(
+            "/event", lambda d: d.get("nonce") == nonce and d["type"] in ("command.done", "command.failed")
+        )
 
     assert install("v1.1")["type"] == "command.done"
     assert client.infer(eval_x[:1])[1] == "1.1.0"
@@ -142,7 +168,10 @@ def test_install_gate_failure_and_rollback_over_commands(
 
 
 def test_runtime_errors_roll_back_automatically(
-    start_agent: Callable[..., Agent], mosquitto: MosquittoBroker, collector: Collector, artifacts: dict[str, Path],
+    start_agent: Callable[..., Agent],
+    mosquitto: MosquittoBroker,
+    collector: Collector,
+    artifacts: dict[str, Path],
     eval_x: np.ndarray,
 ) -> None:
     agent = start_agent(mosquitto.url, initial_artifact=str(artifacts["v1"]), health={"min_errors": 3})
@@ -156,8 +185,12 @@ def test_runtime_errors_roll_back_automatically(
 
 
 def test_shadow_then_promote(
-    start_agent: Callable[..., Agent], mosquitto: MosquittoBroker, collector: Collector, artifacts: dict[str, Path],
-    keys_dir: Path, eval_x: np.ndarray,
+    start_agent: Callable[..., Agent],
+    mosquitto: MosquittoBroker,
+    collector: Collector,
+    artifacts: dict[str, Path],
+    keys_dir: Path,
+    eval_x: np.ndarray,
 ) -> None:
     agent = start_agent(mosquitto.url, initial_artifact=str(artifacts["v1"]))
     collector.wait_for("/state", lambda d: d.get("online") is True)
@@ -178,8 +211,13 @@ def test_spool_holds_everything_while_the_broker_is_away(
 ) -> None:
     broker = MosquittoBroker(tmp_path / "broker", persistence=True)
     broker.start()
-    collector = Collector(broker.host, broker.port, [f"edgeops/v1/{FLEET}/device/{DEVICE}/telemetry"],
-                          client_id="spool-check", persistent=True)
+    collector = Collector(
+        broker.host,
+        broker.port,
+        [f"edgeops/v1/{FLEET}/device/{DEVICE}/telemetry"],
+        client_id="spool-check",
+        persistent=True,
+    )
     try:
         agent = start_agent(broker.url, initial_artifact=str(artifacts["v1"]), telemetry={"interval_s": 3600})
         agent.telemetry.tick()

@@ -28,7 +28,9 @@ def _load(path: Path, keys_dir: Path, slot: str = "a") -> LoadedModel:
     return load_model(verify_artifact(path, [load_public_key(keys_dir / "signing.pub")]), slot)
 
 
-def test_requests_are_checked_against_the_manifest(artifacts: dict[str, Path], keys_dir: Path, eval_x: np.ndarray) -> None:
+def test_requests_are_checked_against_the_manifest(
+    artifacts: dict[str, Path], keys_dir: Path, eval_x: np.ndarray
+) -> None:
     host = ModelHost(HealthConfig())
     with pytest.raises(NoModelError):
         host.infer({"image": eval_x[:1]})
@@ -63,7 +65,7 @@ def test_swap_under_load_fails_no_request(artifacts: dict[str, Path], keys_dir: 
                 r = host.infer({"image": eval_x[:4]})
                 versions.add(r.version)
                 assert r.outputs["probs"].shape == (4, 10)
-            except Exception as exc:  # noqa: BLE001 - any failure is what this test counts
+            except Exception as exc:
                 failures.append(exc)
 
     threads = [threading.Thread(target=client) for _ in range(4)]
@@ -99,7 +101,9 @@ def test_runtime_errors_fall_back_then_trigger_rollback(
     assert host.infer({"image": hot}).version == "1.0.0"
 
 
-def test_runtime_error_without_fallback_is_an_error(artifacts: dict[str, Path], keys_dir: Path, eval_x: np.ndarray) -> None:
+def test_runtime_error_without_fallback_is_an_error(
+    artifacts: dict[str, Path], keys_dir: Path, eval_x: np.ndarray
+) -> None:
     host = ModelHost(HealthConfig())
     host.set_models(_load(artifacts["trap"], keys_dir), None)
     with pytest.raises(EdgeopsError, match="failed at run time"):
@@ -107,7 +111,9 @@ def test_runtime_error_without_fallback_is_an_error(artifacts: dict[str, Path], 
     assert host.errors == 1
 
 
-def test_shadow_reports_agreement_without_serving(artifacts: dict[str, Path], keys_dir: Path, eval_x: np.ndarray) -> None:
+def test_shadow_reports_agreement_without_serving(
+    artifacts: dict[str, Path], keys_dir: Path, eval_x: np.ndarray
+) -> None:
     host = ModelHost(HealthConfig())
     host.set_models(_load(artifacts["v1"], keys_dir, "a"), None)
     host.set_shadow(_load(artifacts["v1.1"], keys_dir, "b"))
@@ -122,9 +128,7 @@ def test_shadow_reports_agreement_without_serving(artifacts: dict[str, Path], ke
     assert host.shadow is None
 
 
-@pytest.mark.parametrize(
-    ("name", "check"), [("v1.1", None), ("bad_golden", "golden"), ("slow", "latency")]
-)
+@pytest.mark.parametrize(("name", "check"), [("v1.1", None), ("bad_golden", "golden"), ("slow", "latency")])
 def test_health_gate(artifacts: dict[str, Path], keys_dir: Path, name: str, check: str | None) -> None:
     model = _load(artifacts[name], keys_dir)
     result = run_health_gate(model.artifact, model.runner, latency_runs=5)

@@ -109,10 +109,10 @@ from device_agent.slot_store import SlotStore
 from edgeops.artifact import pack_artifact
 from edgeops.errors import StorageError
 from edgeops.signing import load_public_key
-s = SlotStore(Path({str(store.root)!r}), trusted_keys=[load_public_key(Path({str(keys_dir / 'signing.pub')!r}))],
+s = SlotStore(Path({str(store.root)!r}), trusted_keys=[load_public_key(Path({str(keys_dir / "signing.pub")!r}))],
               profile={PROFILE!r})
 try:
-    s.stage(Path({str(artifacts['v1.1'])!r}))
+    s.stage(Path({str(artifacts["v1.1"])!r}))
 except StorageError as e:
     print("StorageError:", e)
     sys.exit(3)
@@ -125,7 +125,9 @@ except StorageError as e:
 
 def test_oversized_artifact_refused(tmp_path: Path, keys_dir: Path, artifacts: dict[str, Path]) -> None:
     small = SlotStore(
-        tmp_path / "s", trusted_keys=[load_public_key(keys_dir / "signing.pub")], profile=PROFILE,
+        tmp_path / "s",
+        trusted_keys=[load_public_key(keys_dir / "signing.pub")],
+        profile=PROFILE,
         max_artifact_bytes=1000,
     )
     with pytest.raises(Exception, match="over the device's limit"):
