@@ -5,6 +5,7 @@ across a broker outage, and a broker that is not there at start-up."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -256,5 +257,83 @@ def test_broker_gone_at_startup(
         assert state["models"]["active"]["version"] == "1.0.0"
         collector.close()
         assert agent.reporter.outbox.flush(30)  # type: ignore[union-attr]
+    finally:
+        broker.stop()
+
+
+def test_install_under_load_fails_no_request(
+    start_agent: Callable[..., Agent], artifacts: dict[str, Path], eval_x: np.ndarray
+) -> None:
+    """Clients hammer the API while two installs swap the model: every request is answered."""
+    agent = start_agent("mqtt://127.0.0.1:1", initial_artifact=str(artifacts["v1"]))
+    stop, failures, versions = threading.Event(), [], []
+
+    def client() -> None:
+        api = ApiClient(agent.api.address)  # type: ignore[union-attr]
+        while not stop.is_set():
+            try:
+                versions.append(api.infer(eval_x[:2])[1])
+            except Exception as exc:  # any failure is what this test counts
+                failures.append(exc)
+
+    threads = [threading.Thread(target=client) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        assert agent.install(artifacts["v1.1"]).passed
+        assert agent.install(artifacts["v1.2"]).passed
+        time.sleep(0.2)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert failures == []
+    assert versions[0] == "1.0.0" and versions[-1] == "1.2.0" and set(versions) == {"1.0.0", "1.1.0", "1.2.0"}
+
+
+def test_tampered_active_slot_is_never_run(
+    write_config: Callable[..., Path], artifacts: dict[str, Path], eval_x: np.ndarray
+) -> None:
+    cfg = load_config(write_config(broker={"url": "mqtt://127.0.0.1:1"}))
+    agent = Agent(cfg)
+    agent.load_slots()
+    agent.install(artifacts["v1"])
+    agent.install(artifacts["v1.1"])
+    agent.stop()
+    active = Path(cfg.data_dir) / "slots" / "b.edgeops"
+    data = bytearray(active.read_bytes())
+    data[-3000] ^= 0xFF
+    active.write_bytes(bytes(data))
+    agent = Agent(cfg)
+    try:
+        agent.start()
+        assert agent.active_version() == "1.0.0"  # the previous slot, re-verified, serves
+        assert ApiClient(agent.api.address).infer(eval_x[:1])[1] == "1.0.0"  # type: ignore[union-attr]
+        events = [json.loads(m.payload) for m in agent.reporter.spool.peek(100)]
+        corrupt = [e for e in events if e["type"] == "slot.corrupt"]
+        assert corrupt and corrupt[0]["slot"] == "b" and "sha256" in corrupt[0]["reason"]
+        assert agent.store.state.active == "a"
+    finally:
+        agent.stop()
+
+
+def test_spool_bound_drops_oldest_and_reports_it(
+    start_agent: Callable[..., Agent], tmp_path: Path, artifacts: dict[str, Path]
+) -> None:
+    broker = MosquittoBroker(tmp_path / "b")
+    agent = start_agent(broker.url, initial_artifact=str(artifacts["v1"]), telemetry={"spool_max_messages": 10})
+    for _ in range(30):
+        agent.telemetry.tick()
+    spool = agent.reporter.spool
+    assert spool.pending() <= 11 and spool.dropped >= 20
+    broker.start()
+    try:
+        collector = Collector(broker.host, broker.port, [f"edgeops/v1/{FLEET}/device/{DEVICE}/#"], client_id="b")
+        # the newest messages survive and say how many older ones were dropped
+        ev = collector.wait_for("/event", lambda d: d["type"] == "spool.dropped" and d["total"] >= 20, timeout=60)
+        assert ev["count"] >= 1
+        tele = collector.wait_for("/telemetry", lambda d: d["spool"]["dropped"] >= 19)
+        assert tele["seq"] > 20  # the oldest went, not the newest
+        collector.close()
     finally:
         broker.stop()

@@ -140,3 +140,25 @@ def test_health_gate(artifacts: dict[str, Path], keys_dir: Path, name: str, chec
 def test_corrupt_model_bytes_fail_to_load(artifacts: dict[str, Path], keys_dir: Path) -> None:
     with pytest.raises(EdgeopsError, match="cannot load"):
         _load(artifacts["corrupt_model"], keys_dir)
+
+
+def test_tflite_artifact_runs_in_litert(artifacts: dict[str, Path], keys_dir: Path, digits_dir: Path) -> None:
+    model = _load(artifacts["rpi4"], keys_dir)
+    assert model.runner.backend.providers_used == ("litert-cpu",)
+    assert run_health_gate(model.artifact, model.runner, latency_runs=5).passed
+    host = ModelHost(HealthConfig())
+    host.set_models(model, None)
+    x = np.load(digits_dir / "eval.npz")["x"][:4].astype(np.float32)  # NHWC, as the Keras source took it
+    result = host.infer({"image": x})
+    assert result.outputs[next(iter(result.outputs))].shape == (4, 10)
+
+
+def test_coreml_artifact_is_refused_off_apple(artifacts: dict[str, Path], keys_dir: Path, tmp_path: Path) -> None:
+    from tests.support.artifacts import repack
+
+    def coreml(doc: dict) -> None:
+        doc["format"], doc["runtime"], doc["version"] = "coreml", "coreml", "1.5.0"
+
+    path = repack(artifacts["v1.1"], tmp_path / "coreml.edgeops", keys_dir / "signing.key", manifest=coreml)
+    with pytest.raises(EdgeopsError, match="Core ML models run only on Apple platforms"):
+        _load(path, keys_dir)
