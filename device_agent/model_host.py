@@ -213,7 +213,10 @@ class ModelHost:
             raise EdgeopsError(f"the model failed at run time: {exc}") from None
         prepared, added = prepare_feeds(fallback.manifest.inputs, feeds)
         t0 = time.perf_counter()
-        outputs = fallback.run(prepared)
+        try:
+            outputs = fallback.run(prepared)
+        except Exception as exc2:  # untyped runtime errors again: both models failed on this input
+            raise EdgeopsError(f"the model failed at run time ({exc}) and so did the previous one ({exc2})") from None
         self.fallback_answers += 1
         if added:
             outputs = {k: v[0] for k, v in outputs.items()}
