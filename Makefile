@@ -55,6 +55,11 @@ demo: $(DEMO)/digits.keras
 
 bench: $(DEMO)/digits.keras
 	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python benchmarks/compile_bench.py
+	$(BIN)/python benchmarks/agent_bench.py
 
 clean:
 	rm -rf $(DIST) $(DEMO) .pytest_cache .mypy_cache .ruff_cache
+
+.PHONY: bench-agent
+bench-agent: $(DEMO)/digits.keras system-deps
+	$(BIN)/python benchmarks/agent_bench.py

@@ -19,6 +19,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -66,10 +67,11 @@ def _run(args: argparse.Namespace) -> int:
     _setup_logging(args.verbose)
     cfg = load_config(args.config)
     agent = Agent(cfg)
+    stop_requested = threading.Event()
 
-    def stop(signum: int, _frame: Any) -> None:
+    def stop(signum: int, _frame: Any) -> None:  # only flags: the main loop stops the agent outside the handler
         log.info("signal %s: stopping", signal.Signals(signum).name)
-        agent.stop()
+        stop_requested.set()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -82,9 +84,10 @@ def _run(args: argparse.Namespace) -> int:
         agent.api.address if agent.api else "off",
     )
     _sd_notify("READY=1")
-    while not agent.wait(1.0):
+    while not stop_requested.wait(1.0):
         pass
     _sd_notify("STOPPING=1")
+    agent.stop()
     return 0
 
 

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 __all__ = ["TelemetryLoop"]
 
 log = logging.getLogger(__name__)
+DRIFT_VALUES_PER_INTERVAL = 1_000_000  # per interval; past it, requests are not binned (bounds the request-path cost)
 
 
 class TelemetryLoop:
@@ -34,6 +35,7 @@ class TelemetryLoop:
         self.probe = ResourceProbe()
         self._drift: DriftMonitor | None = None
         self._drift_level = "ok"
+        self._drift_values = 0
         self._last = {"requests": 0, "errors": 0, "fallback_answers": 0}
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -53,7 +55,8 @@ class TelemetryLoop:
     ) -> None:
         self.latency.add(ms)
         drift = self._drift
-        if drift is not None:
+        if drift is not None and self._drift_values < DRIFT_VALUES_PER_INTERVAL:
+            self._drift_values += sum(int(x.size) for x in feeds.values())
             for name, x in feeds.items():
                 drift.observe("inputs", name, x)
             for name, y in outputs.items():
@@ -97,6 +100,7 @@ class TelemetryLoop:
         """Build and report one telemetry message (also called directly by tests and `status`)."""
         agent = self.agent
         drift = self._drift.snapshot_and_reset() if self._drift is not None else None
+        self._drift_values = 0
         spool = agent.reporter.spool
         doc = {
             "model_version": agent.active_version(),

@@ -4,7 +4,9 @@ seen by an ordinary subscriber as N devices (retained birth state, telemetry, cl
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,9 +18,14 @@ FLEET = "simfleet"
 N = 5
 
 
-def _retained(collector: Collector, suffix: str) -> dict[str, dict]:
+def _retained(collector: Collector, suffix: str) -> dict[str, dict[str, Any]]:
     """The last retained message on each ``.../<device>/<suffix>`` topic, by device id."""
     return {t.split("/")[-2]: json.loads(p) for t, p, retained in collector.messages if retained and t.endswith(suffix)}
+
+
+def _from(device: str, **want: object) -> Callable[[dict[str, Any]], bool]:
+    """A predicate: the message comes from ``device`` and has the ``want`` values."""
+    return lambda d: d.get("device") == device and all(d.get(k) == v for k, v in want.items())
 
 
 def test_five_agents_report_as_five_devices(
@@ -37,7 +44,7 @@ def test_five_agents_report_as_five_devices(
         assert len({a.cfg.data_dir for a in sim.agents}) == N  # one data dir (slots, spool) per device
         assert all((d.data_dir / "slots" / "state.json").is_file() for d in sim.devices)
         for device in ids:
-            live.wait_for("/telemetry", lambda d, dev=device: d["device"] == dev and d["model_version"] == "1.0.0")
+            live.wait_for("/telemetry", _from(device, model_version="1.0.0"))
         assert sim.wait_connected(10) and sim.connected_count() == N
         late = Collector(mosquitto.host, mosquitto.port, [f"edgeops/v1/{FLEET}/device/+/state"], client_id="sim-late")
         try:
@@ -52,7 +59,7 @@ def test_five_agents_report_as_five_devices(
         sim.stop()
     assert sim.agents == []
     for device in ids:
-        live.wait_for("/state", lambda d, dev=device: d["device"] == dev and d["online"] is False)
+        live.wait_for("/state", _from(device, online=False))
     after = Collector(mosquitto.host, mosquitto.port, [f"edgeops/v1/{FLEET}/device/+/state"], client_id="sim-after")
     try:
         after.wait_for("/state", lambda d: len(_retained(after, "/state")) == N)
