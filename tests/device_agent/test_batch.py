@@ -2,52 +2,15 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 
 from device_agent.batch import BatchSummary, run_batch
-from device_agent.service import InferenceResult, NoModelError
-from edgeops.errors import RequestError, StorageError
-from edgeops.manifest import TensorInfo
-from edgeops.runtime import ModelRunner, open_model
-
-
-class DigitsService:
-    """A real InferenceService: the digits CNN (float32 NCHW (N, 1, 8, 8) → "probs") in onnxruntime.
-
-    With ``with_label`` it also answers "label" (the argmax), as a two-output model would.
-    """
-
-    def __init__(self, model: Path | None, *, with_label: bool = False) -> None:
-        self.runner = ModelRunner(open_model(model, "onnx")) if model is not None else None
-        self.with_label = with_label
-        self.calls = 0
-
-    def input_schema(self) -> list[TensorInfo] | None:
-        if self.runner is None:
-            return None
-        return [TensorInfo("image", [-1, 1, 8, 8], "float32", "float32", layout="NCHW")]
-
-    def infer(self, feeds: Mapping[str, np.ndarray]) -> InferenceResult:
-        if self.runner is None:
-            raise NoModelError("no model is installed yet")
-        x = feeds.get("image")
-        if x is None or x.ndim != 4 or x.shape[1:] != (1, 8, 8):
-            raise RequestError(f"input 'image' has shape {None if x is None else x.shape}, expected (N, 1, 8, 8)")
-        self.calls += 1
-        start = time.perf_counter()
-        outputs = self.runner.run({"image": x.astype(np.float32)})
-        if self.with_label:
-            outputs["label"] = np.argmax(outputs["probs"], axis=1).astype(np.float32)
-        return InferenceResult(outputs, "1.0.0", (time.perf_counter() - start) * 1000)
-
-    def status(self) -> dict[str, Any]:
-        return {"calls": self.calls}
+from device_agent.service import NoModelError
+from edgeops.errors import StorageError
+from tests.support.digits_service import DigitsService
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +48,10 @@ def test_results_equal_direct_runs(folder: Path, service: DigitsService) -> None
 def test_existing_results_are_skipped_unless_overwrite(folder: Path, service: DigitsService) -> None:
     run_batch(folder, service)
     (folder / "b.out.npy").write_bytes(b"an older result")
-    calls = service.calls
+    calls = service.requests
     summary = run_batch(folder, service)
     assert (summary.done, summary.skipped) == (0, 3)  # *.out.npy are results, never inputs
-    assert service.calls == calls
+    assert service.requests == calls
     assert (folder / "b.out.npy").read_bytes() == b"an older result"
 
     summary = run_batch(folder, service, overwrite=True)

@@ -24,44 +24,14 @@ from device_agent.api_client import ApiClient
 from device_agent.http_api import ApiServer
 from device_agent.service import InferenceResult, NoModelError
 from edgeops.errors import ConfigError, EdgeopsError, RequestError, TransportError
-from edgeops.manifest import TensorInfo
-from edgeops.runtime import ModelRunner, open_model
+from tests.support.digits_service import DigitsService
 
 VERSION = "1.4.2"
 
 
-class DigitsService:
-    """A real InferenceService: the digits CNN (float32 NCHW (N, 1, 8, 8) → "probs") in onnxruntime."""
-
-    def __init__(self, model: Path | None) -> None:
-        self.runner = ModelRunner(open_model(model, "onnx")) if model is not None else None
-        self.requests = 0
-
-    def input_schema(self) -> list[TensorInfo] | None:
-        if self.runner is None:
-            return None
-        return [TensorInfo("image", [-1, 1, 8, 8], "float32", "float32", layout="NCHW")]
-
-    def infer(self, feeds: Mapping[str, np.ndarray]) -> InferenceResult:
-        if self.runner is None:
-            raise NoModelError("no model is installed yet")
-        if set(feeds) != {"image"}:
-            raise RequestError(f"unknown inputs {sorted(feeds)}: the model takes 'image'")
-        x = feeds["image"]
-        if x.ndim != 4 or x.shape[1:] != (1, 8, 8):
-            raise RequestError(f"input 'image' has shape {x.shape}, expected (N, 1, 8, 8)")
-        start = time.perf_counter()
-        outputs = self.runner.run({"image": x.astype(np.float32)})
-        self.requests += 1
-        return InferenceResult(outputs, VERSION, (time.perf_counter() - start) * 1000)
-
-    def status(self) -> dict[str, Any]:
-        return {"active": {"version": VERSION if self.runner else None}, "requests": self.requests}
-
-
 @pytest.fixture(scope="module")
 def service(digits_dir: Path) -> DigitsService:
-    return DigitsService(digits_dir / "digits.onnx")
+    return DigitsService(digits_dir / "digits.onnx", version=VERSION)
 
 
 @pytest.fixture(scope="module")

@@ -15,20 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from converters.validate import histogram  # the reference the build signs into a manifest's drift section
 from device_agent.telemetry import DriftMonitor, LatencyWindow, ResourceProbe, psi
-
-
-def histogram(values: np.ndarray, bins: int) -> dict[str, list[float]]:
-    """Copied from converters/validate.py: the reference the build puts in a manifest's drift section."""
-    flat = values.astype(np.float64).reshape(-1)
-    if flat.size > 200_000:
-        flat = flat[:: flat.size // 200_000 + 1]
-    edges = np.unique(np.quantile(flat, np.linspace(0, 1, bins + 1)))
-    if edges.size < 2:
-        edges = np.array([flat[0] - 0.5, flat[0] + 0.5])
-    counts, _ = np.histogram(flat, bins=edges)
-    return {"edges": [round(float(e), 7) for e in edges], "fractions": [round(float(c) / flat.size, 7) for c in counts]}
-
 
 # --- latency ---------------------------------------------------------------------------------------------------
 
