@@ -33,7 +33,6 @@ from device_agent.model_host import ModelHost, load_model
 from device_agent.slot_store import SlotStore
 from edgeops.artifact import verify_artifact
 from edgeops.errors import EdgeopsError, RequestError, TransportError, UntrustedInput
-from edgeops.runtime import ModelRunner, open_model
 from edgeops.signing import load_public_key
 
 __all__ = ["main"]
@@ -196,9 +195,7 @@ def _check(args: argparse.Namespace) -> int:
         raise UntrustedInput(f"artifact is for profile {m.profile!r}, this device is {args.profile!r}")
     result = {"valid": True, "name": m.name, "version": m.version, "profile": m.profile, "golden": "not run"}
     if m.format != "coreml":
-        backend = open_model(artifact.read(m.model_file), m.format, threads=args.threads)
-        runner = ModelRunner(backend, transpose={t.name: t.transpose for t in m.inputs if t.transpose})
-        excess = golden_excess(artifact, runner)
+        excess = golden_excess(artifact, load_model(artifact, "-", threads=args.threads).runner)
         if excess > 0:
             raise UntrustedInput(f"golden outputs differ beyond tolerance (by {excess:.3g})")
         result["golden"] = "passed"

@@ -104,7 +104,12 @@ def test_kill_9_triggers_the_last_will(
 
 
 def test_offline_commands(
-    write_config: Callable[..., Path], artifacts: dict[str, Path], x_npy: Path, tmp_path: Path, digits_dir: Path
+    write_config: Callable[..., Path],
+    artifacts: dict[str, Path],
+    x_npy: Path,
+    tmp_path: Path,
+    digits_dir: Path,
+    keys_dir: Path,
 ) -> None:
     cfg = str(write_config())
     none = agent_cli("infer", "--config", cfg, str(x_npy))
@@ -112,6 +117,9 @@ def test_offline_commands(
     assert agent_cli("install", "--config", cfg, str(artifacts["v1"])).returncode == 0
     rejected = agent_cli("install", "--config", cfg, "--json", str(artifacts["bad_golden"]))
     assert rejected.returncode == 1 and json.loads(rejected.stdout)["check"] == "golden"
+    pub = str(keys_dir / "signing.pub")
+    check = agent_cli("check", str(artifacts["bad_golden"]), "--pubkey", pub, "--profile", "x86-gateway")
+    assert check.returncode == 1 and "golden outputs differ" in check.stderr
     wrong = agent_cli("install", "--config", cfg, str(artifacts["rpi4"]))
     assert wrong.returncode == 1 and "profile" in wrong.stderr
     status = json.loads(agent_cli("status", "--config", cfg, "--json").stdout)
