@@ -10,8 +10,9 @@ Guarantees:
   :meth:`MqttLink.stop` publishes its ``final`` message (retained) when connected, then sends a clean
   DISCONNECT, so the broker discards the will: a clean shutdown never looks like a crash.
 - **Birth and subscriptions after every (re)connect.** The session starts clean; on each CONNACK the link
-  (re)subscribes to its topics (QoS 1), then calls ``on_connect``, where the agent publishes its retained birth
-  state. The broker keeps nothing for the device between connections, so commands sent while it is offline
+  (re)subscribes to its topics (QoS 1) and, once the broker's SUBACK is in, calls ``on_connect`` (where the
+  agent publishes its retained birth state) and only then reports ``connected``: a command sent after that is
+  never missed. The broker keeps nothing for the device between connections, so commands sent while it is offline
   are not queued here (the fleet side re-sends or retains what a device must see).
 - **Callbacks never raise into paho.** Exceptions from ``on_message`` / ``on_connect`` are logged and dropped,
   so a bad payload cannot stop the network thread.
@@ -117,6 +118,7 @@ class MqttLink:
         self._connected = threading.Event()  # set once subscribed and on_connect has run
         self._session_up = False  # CONNACK received: publish() works (on_connect publishes the birth here)
         self._epoch = 0  # incremented on every disconnect
+        self._connect_sub_mid: int | None = None  # the subscribe sent on CONNACK, until its SUBACK
         self._started = False
         self._stopping = False
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
@@ -132,6 +134,7 @@ class MqttLink:
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
         client.on_publish = self._handle_publish
+        client.on_subscribe = self._handle_subscribe
         self._client = client
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -212,12 +215,24 @@ class MqttLink:
         with self._lock:
             self._session_up = True  # CONNACK received: publish() works (on_connect publishes the birth here)
             topics = list(self._topics)
+        log.info("mqtt: connected to %s:%s", self._settings.host, self._settings.port)
+        if not topics:
+            self._session_ready()
+            return
         try:
-            if topics:
-                client.subscribe([(t, SubscribeOptions(qos=1)) for t in topics])
+            _, mid = client.subscribe([(t, SubscribeOptions(qos=1)) for t in topics])
         except (ValueError, OSError) as exc:
             log.error("mqtt: subscribing to %s failed: %s", topics, exc)
-        log.info("mqtt: connected to %s:%s", self._settings.host, self._settings.port)
+            self._session_ready()
+            return
+        self._connect_sub_mid = mid  # `connected` waits for this SUBACK: a command sent after it is not missed
+
+    def _handle_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
+        if mid == self._connect_sub_mid:
+            self._connect_sub_mid = None
+            self._session_ready()
+
+    def _session_ready(self) -> None:
         if self._on_connect_cb is not None:  # before `connected`: the birth state goes out before any backlog
             try:
                 self._on_connect_cb()
