@@ -45,8 +45,6 @@ class CommandDispatcher:
             nonces=self._nonces,
         )
         self._queue: queue.Queue[Command | None] = queue.Queue(maxsize=QUEUE_SIZE)
-        self._thread = threading.Thread(target=self._work, name="commands", daemon=True)
-        self._thread.start()
         self._handlers: dict[CommandName, Callable[[Command], Any]] = {
             CommandName.STATUS: self._status,
             CommandName.PROMOTE_SHADOW: lambda c: {"version": agent.promote_shadow()},
@@ -55,6 +53,8 @@ class CommandDispatcher:
             CommandName.SET_TELEMETRY_INTERVAL: self._set_interval,
             CommandName.INSTALL_FROM_FILE: self._install,
         }
+        self._thread = threading.Thread(target=self._work, name="commands", daemon=True)
+        self._thread.start()
 
     def handle(self, topic: str, payload: bytes) -> None:
         """Called on the MQTT thread for every message on a command topic; never raises."""

@@ -5,7 +5,9 @@ Checks, in order, each named in the result and in the event the agent reports:
 - ``golden``: every golden output within ``atol + rtol·|want|`` of what the model gives on the golden inputs
   (the tolerance the build measured and signed into the manifest);
 - ``latency``: the p95 of ``runs`` single-sample inferences within the profile's ``latency_p95_ms`` budget
-  (from the signed recipe) times ``budget_factor``. No budget in the profile → not checked, said so.
+  (from the signed recipe) times ``budget_factor``; a p95 over budget is measured once more and the better of
+  the two counts, so one scheduler hiccup on a busy device does not reject a good model. No budget in the
+  profile → not checked, said so.
 
 Loading (the ``load`` check) happens in :func:`device_agent.model_host.load_model`; its failure is reported
 with the same :class:`GateResult` shape by the agent. The gate never touches the serving model.
@@ -116,6 +118,8 @@ def run_health_gate(
     if budget is None:
         return GateResult(True, None, "golden passed; no latency budget in the profile", excess, p95)
     limit = budget * budget_factor
+    if p95 > limit:  # confirm before refusing: one scheduler hiccup on a busy device must not reject a good model
+        p95 = min(p95, measure_latency_p95(runner, golden_inputs(artifact), latency_runs))
     if p95 > limit:
         return GateResult(
             False, "latency", f"latency p95 {p95:.2f} ms over the budget of {limit:.2f} ms", excess, p95, limit

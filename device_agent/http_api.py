@@ -229,6 +229,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.connection.family in (socket.AF_INET, socket.AF_INET6):
             # headers and body go out in two writes: with Nagle on, each answer waits ~40 ms for a delayed ACK
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     _body_pending = False  # the request has a body this handler has not read (close after answering)
 
     @property

@@ -206,7 +206,9 @@ class ModelHost:
             outputs = {k: v[0] for k, v in outputs.items()}
         return InferenceResult(outputs, model.version, ms)
 
-    def _answer_with_fallback(self, failed: LoadedModel, feeds: Mapping[str, np.ndarray], exc: Exception) -> Any:
+    def _answer_with_fallback(
+        self, failed: LoadedModel, feeds: Mapping[str, np.ndarray], exc: Exception
+    ) -> InferenceResult:
         log.warning("model %s failed at run time: %s", failed.version, exc)
         fallback = self._fallback
         if fallback is None or fallback is failed:

@@ -13,11 +13,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from edgeops.errors import EdgeopsError
 from edgeops.manifest import TensorInfo
 
 __all__ = ["InferenceResult", "InferenceService", "NoModelError"]
-
-from edgeops.errors import EdgeopsError
 
 
 class NoModelError(EdgeopsError):

@@ -219,8 +219,10 @@ class FleetSim:
         return bool(self._agents)
 
     def summary(self) -> str:
-        return (f"{len(self._agents)} agents started, {self.connected_count()} connected, "
-                f"spool pending {self.spool_pending()}")
+        return (
+            f"{len(self._agents)} agents started, {self.connected_count()} connected, "
+            f"spool pending {self.spool_pending()}"
+        )
 
 
 # -- command line ------------------------------------------------------------------------------------------------
@@ -247,9 +249,17 @@ def _parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace, root: Path) -> int:
     groups: list[str] = list(args.group)
     sim = FleetSim(
-        root, n=args.n, fleet=args.fleet, profile=args.profile, broker_url=args.broker, trusted_keys=args.pubkey,
-        groups=lambda _i: groups, initial_artifact=args.artifact, telemetry_interval_s=args.telemetry_interval,
-        serve_api=args.serve_api, id_prefix=args.id_prefix,
+        root,
+        n=args.n,
+        fleet=args.fleet,
+        profile=args.profile,
+        broker_url=args.broker,
+        trusted_keys=args.pubkey,
+        groups=lambda _i: groups,
+        initial_artifact=args.artifact,
+        telemetry_interval_s=args.telemetry_interval,
+        serve_api=args.serve_api,
+        id_prefix=args.id_prefix,
     )
     done = threading.Event()
 
@@ -274,8 +284,11 @@ def _run(args: argparse.Namespace, root: Path) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         if args.root is not None:
             return _run(args, args.root)

@@ -187,8 +187,9 @@ class SlotStore:
             raise StorageError(f"cannot write slot {slot}: {exc.strerror or exc}") from None
         finally:
             tmp.unlink(missing_ok=True)
-        versions = {k: v for k, v in self._state.versions.items() if k != slot}
-        self._write_state(dataclasses.replace(self._state, versions=versions))
+        if slot in self._state.versions:  # the candidate slot's old version no longer describes its bytes
+            versions = {k: v for k, v in self._state.versions.items() if k != slot}
+            self._write_state(dataclasses.replace(self._state, versions=versions))
         return slot, dataclasses.replace(artifact, path=self.path(slot))
 
     @staticmethod

@@ -52,6 +52,16 @@ def collector(mosquitto: MosquittoBroker) -> Iterator[Collector]:
     c.close()
 
 
+@pytest.fixture
+def online_agent(
+    start_agent: Callable[..., Agent], mosquitto: MosquittoBroker, collector: Collector, artifacts: dict[str, Path]
+) -> Agent:
+    """An agent serving digits 1.0.0, connected and subscribed (its online state has reached the collector)."""
+    agent = start_agent(mosquitto.url, initial_artifact=str(artifacts["v1"]))
+    collector.wait_for("/state", lambda d: d.get("online") is True)
+    return agent
+
+
 def _cmd(
     keys_dir: Path,
     name: str,
@@ -97,16 +107,14 @@ def test_state_and_telemetry_arrive(
 
 
 def test_signed_commands_and_every_rejection(
-    start_agent: Callable[..., Agent],
-    mosquitto: MosquittoBroker,
+    online_agent: Agent,
     collector: Collector,
     artifacts: dict[str, Path],
     keys_dir: Path,
     tmp_path: Path,
     eval_x: np.ndarray,
 ) -> None:
-    agent = start_agent(mosquitto.url, initial_artifact=str(artifacts["v1"]))
-    collector.wait_for("/state", lambda d: d.get("online") is True)
+    agent = online_agent
     good = _cmd(keys_dir, "set-telemetry-interval", {"interval_s": 5})
     collector.publish(T.cmd, good)
     done = collector.wait_for("/event", lambda d: d["type"] == "command.done")
@@ -132,15 +140,13 @@ def test_signed_commands_and_every_rejection(
 
 
 def test_install_gate_failure_and_rollback_over_commands(
-    start_agent: Callable[..., Agent],
-    mosquitto: MosquittoBroker,
+    online_agent: Agent,
     collector: Collector,
     artifacts: dict[str, Path],
     keys_dir: Path,
     eval_x: np.ndarray,
 ) -> None:
-    agent = start_agent(mosquitto.url, initial_artifact=str(artifacts["v1"]))
-    collector.wait_for("/state", lambda d: d.get("online") is True)
+    agent = online_agent
     client = ApiClient(agent.api.address)  # type: ignore[union-attr]
 
     def install(name: str) -> dict:
@@ -186,15 +192,13 @@ def test_runtime_errors_roll_back_automatically(
 
 
 def test_shadow_then_promote(
-    start_agent: Callable[..., Agent],
-    mosquitto: MosquittoBroker,
+    online_agent: Agent,
     collector: Collector,
     artifacts: dict[str, Path],
     keys_dir: Path,
     eval_x: np.ndarray,
 ) -> None:
-    agent = start_agent(mosquitto.url, initial_artifact=str(artifacts["v1"]))
-    collector.wait_for("/state", lambda d: d.get("online") is True)
+    agent = online_agent
     collector.publish(T.cmd, _cmd(keys_dir, "install-from-file", {"path": str(artifacts["v1.1"]), "shadow": True}))
     collector.wait_for("/event", lambda d: d["type"] == "shadow.started")
     client = ApiClient(agent.api.address)  # type: ignore[union-attr]
