@@ -53,13 +53,27 @@ demo: $(DEMO)/digits.keras
 	@for f in $(DIST)/digits/*.edgeops; do $(BIN)/edgeops verify $$f --pubkey $(DIST)/keys/signing.pub; done
 	@echo "report: $(DIST)/digits/report.html (and report.json)"
 
-bench: $(DEMO)/digits.keras
+bench: $(DEMO)/digits.keras system-deps bench-deps
 	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python benchmarks/compile_bench.py
 	$(BIN)/python benchmarks/agent_bench.py
+	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python benchmarks/delta_bench.py
+	$(BIN)/python benchmarks/ota_bench.py
+
+# The peer tools the delta benchmark compares against (Debian packages).
+bench-deps:
+	@{ command -v zstd && command -v xdelta3; } >/dev/null 2>&1 || \
+	  { echo "installing zstd and xdelta3 (apt)"; $(SUDO) apt-get update -qq && \
+	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq zstd xdelta3; }
 
 clean:
 	rm -rf $(DIST) $(DEMO) .pytest_cache .mypy_cache .ruff_cache
 
-.PHONY: bench-agent
+.PHONY: bench-agent bench-delta bench-ota bench-deps
 bench-agent: $(DEMO)/digits.keras system-deps
 	$(BIN)/python benchmarks/agent_bench.py
+
+bench-delta: $(DEMO)/digits.keras bench-deps
+	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python benchmarks/delta_bench.py
+
+bench-ota: $(DEMO)/digits.keras system-deps
+	$(BIN)/python benchmarks/ota_bench.py

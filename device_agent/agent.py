@@ -35,6 +35,7 @@ from device_agent.fault_points import fault_point
 from device_agent.health_gate import GateResult, run_health_gate
 from device_agent.http_api import ApiServer
 from device_agent.model_host import LoadedModel, ModelHost, load_model
+from device_agent.ota import OtaClient
 from device_agent.reporter import Reporter
 from device_agent.service import InferenceResult
 from device_agent.slot_store import SlotStore
@@ -80,6 +81,7 @@ class Agent:
         self.host.observer = self.telemetry.observe
         self.reporter = Reporter(cfg, state=self.state, on_command=self._on_message, connect=connect)
         self.commands = CommandDispatcher(self)
+        self.ota = OtaClient(self)
         self.api: ApiServer | None = None
         self._ops = threading.Lock()
         self._stopped = threading.Event()
@@ -96,6 +98,7 @@ class Agent:
         if self._serve_api:
             self.api = ApiServer(self, self.cfg.api.address, max_request_bytes=self.cfg.api.max_request_bytes)
             self.api.start()
+        self.ota.start()
         self.reporter.start()
         self.reporter.event("agent.started", version=__version__, active=self.active_version())
         self.telemetry.start()
@@ -105,6 +108,7 @@ class Agent:
             return
         self._stopped.set()
         self.telemetry.stop()
+        self.ota.stop()
         if self.api is not None:
             self.api.stop()
         self.reporter.event("agent.stopped", active=self.active_version())
@@ -252,7 +256,10 @@ class Agent:
 
     # -- MQTT commands -----------------------------------------------------------------------------------------
     def _on_message(self, topic: str, payload: bytes) -> None:
-        self.commands.handle(topic, payload)
+        if self.ota.owns(topic):
+            self.ota.handle(topic, payload)
+        else:
+            self.commands.handle(topic, payload)
 
     # -- InferenceService (the API and batch front ends serve the agent) --------------------------------------
     def infer(self, feeds: Mapping[str, np.ndarray]) -> InferenceResult:
@@ -281,6 +288,7 @@ class Agent:
             "health": self.health(),
             "slots": {"active": s.active, "previous": s.previous, "floor": s.floor, "versions": s.versions},
             "models": self.host.status(),
+            "ota": self.ota.progress(),
             "pid": os.getpid(),
         }
 

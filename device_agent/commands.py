@@ -52,6 +52,7 @@ class CommandDispatcher:
             CommandName.ROLLBACK: lambda c: {"version": agent.rollback("command", automatic=False)},
             CommandName.SET_TELEMETRY_INTERVAL: self._set_interval,
             CommandName.INSTALL_FROM_FILE: self._install,
+            CommandName.OTA_UPDATE: lambda c: agent.ota.request(str(c.args["release_id"])),
         }
         self._thread = threading.Thread(target=self._work, name="commands", daemon=True)
         self._thread.start()

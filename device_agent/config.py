@@ -33,6 +33,15 @@ class BrokerConfig:
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
+    session_expiry_s: int = 86400  # the broker keeps our subscriptions and queued QoS 1 messages this long offline
+
+
+@dataclass(frozen=True)
+class OtaConfig:
+    max_download_bytes: int = 1024**3  # a release whose payload or target is larger is refused before download
+    repair_idle_s: float = 2.0  # ask for missing chunks after this long without one arriving
+    repair_min_interval_s: float = 2.0  # at most one repair request per this many seconds
+    sync_every_chunks: int = 32  # fsync the download every N chunks (the flags are re-verified on resume)
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,7 @@ class AgentConfig:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    ota: OtaConfig = field(default_factory=OtaConfig)
     source: Path | None = None  # the file it came from
 
 
@@ -129,10 +139,28 @@ def _broker(doc: dict[str, Any], base: Path, where: str) -> BrokerConfig:
         username=_take(doc, "username", str, w, None) or None,
         password=_take(doc, "password", str, w, None) or None,
         keepalive_s=_take(doc, "keepalive_s", int, w, 30),
+        session_expiry_s=_take(doc, "session_expiry_s", int, w, 86400),
         **{k: _path(base, v) if v else None for k, v in files.items()},
     )
     _no_extra(doc, w)
     _positive(cfg.keepalive_s, "keepalive_s", w)
+    if cfg.session_expiry_s < 0:
+        raise ConfigError(f"{w}: 'session_expiry_s' must be >= 0")
+    return cfg
+
+
+def _ota(doc: dict[str, Any], where: str) -> OtaConfig:
+    w = f"{where} [ota]"
+    d = OtaConfig()
+    cfg = OtaConfig(
+        max_download_bytes=_take(doc, "max_download_bytes", int, w, d.max_download_bytes),
+        repair_idle_s=float(_take(doc, "repair_idle_s", (int, float), w, d.repair_idle_s)),
+        repair_min_interval_s=float(_take(doc, "repair_min_interval_s", (int, float), w, d.repair_min_interval_s)),
+        sync_every_chunks=_take(doc, "sync_every_chunks", int, w, d.sync_every_chunks),
+    )
+    _no_extra(doc, w)
+    for key in ("max_download_bytes", "repair_idle_s", "repair_min_interval_s", "sync_every_chunks"):
+        _positive(getattr(cfg, key), key, w)
     return cfg
 
 
@@ -214,6 +242,7 @@ def parse_config(doc: Mapping[str, Any], base: Path, where: str) -> AgentConfig:
         telemetry=_telemetry(_section(d, "telemetry", where), where),
         api=_api(_section(d, "api", where), where),
         health=_health(_section(d, "health", where), where),
+        ota=_ota(_section(d, "ota", where), where),
         source=base / "agent.toml" if where == "<config>" else Path(where),
     )
     _no_extra(d, where)

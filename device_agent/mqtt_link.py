@@ -9,11 +9,13 @@ Guarantees:
   to the broker at every connect, so a device that dies or loses its network is reported offline.
   :meth:`MqttLink.stop` publishes its ``final`` message (retained) when connected, then sends a clean
   DISCONNECT, so the broker discards the will: a clean shutdown never looks like a crash.
-- **Birth and subscriptions after every (re)connect.** The session starts clean; on each CONNACK the link
-  (re)subscribes to its topics (QoS 1) and, once the broker's SUBACK is in, calls ``on_connect`` (where the
-  agent publishes its retained birth state) and only then reports ``connected``: a command sent after that is
-  never missed. The broker keeps nothing for the device between connections, so commands sent while it is offline
-  are not queued here (the fleet side re-sends or retains what a device must see).
+- **Birth and subscriptions after every (re)connect.** On each CONNACK the link (re)subscribes to its topics
+  (QoS 1) and, once the broker's SUBACK is in, calls ``on_connect`` (where the agent publishes its retained birth
+  state) and only then reports ``connected``: a command sent after that is never missed.
+- **Persistent session** when ``session_expiry_s > 0`` (the agent's default): the broker keeps the device's
+  subscriptions and queues its QoS 1 messages (commands, OTA chunks) while it is away, up to the broker's queue
+  limit, so an agent restarted mid-download gets what was broadcast meanwhile without asking again. With 0 the
+  session starts clean and the broker keeps nothing between connections.
 - **Callbacks never raise into paho.** Exceptions from ``on_message`` / ``on_connect`` are logged and dropped,
   so a bad payload cannot stop the network thread.
 - **Publish outcome.** :meth:`MqttLink.publish` returns a :class:`PublishHandle`; ``wait`` is True once the
@@ -39,6 +41,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
@@ -62,6 +66,7 @@ class BrokerSettings:
     ca_file: Path | None = None  # PEM CA bundle for mqtts; None = the system's CAs
     cert_file: Path | None = None  # client certificate (mutual TLS)
     key_file: Path | None = None
+    session_expiry_s: int = 0  # > 0: a persistent session (subscriptions and QoS 1 messages kept while away)
 
 
 @dataclass(frozen=True)
@@ -145,7 +150,13 @@ class MqttLink:
             raise RuntimeError("MqttLink.start() called twice")
         self._started = True
         s = self._settings
-        self._client.connect_async(s.host, s.port, keepalive=s.keepalive_s, clean_start=True)
+        props = None
+        if s.session_expiry_s > 0:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = s.session_expiry_s
+        self._client.connect_async(
+            s.host, s.port, keepalive=s.keepalive_s, clean_start=s.session_expiry_s == 0, properties=props
+        )
         self._client.loop_start()
 
     def stop(self, *, final: tuple[str, bytes] | None = None, timeout: float = 5.0) -> None:

@@ -43,6 +43,7 @@ def broker_settings(cfg: AgentConfig) -> BrokerSettings:
         ca_file=b.ca_file,
         cert_file=b.cert_file,
         key_file=b.key_file,
+        session_expiry_s=b.session_expiry_s,
     )
 
 
@@ -81,6 +82,25 @@ class Reporter:
 
     def command_topics(self) -> list[str]:
         return [self.topics.cmd, *(group_cmd_topic(self.cfg.fleet, g) for g in self.cfg.groups)]
+
+    def set_extra_subscriptions(self, topics: list[str]) -> None:
+        """Subscribe to ``topics`` (OTA release topics) besides the command topics; replaces the previous set."""
+        if self.link is not None:
+            self.link.update_subscriptions([*self.command_topics(), *topics])
+
+    def publish_now(self, topic: str, payload: bytes) -> bool:
+        """Publish ``payload`` now, not spooled (for messages that are worthless later, e.g. repair requests).
+
+        Returns False when not connected or the client refused it.
+        """
+        if self.link is None:
+            return False
+        try:
+            self.link.publish(topic, payload, qos=1)
+        except TransportError as exc:
+            log.info("not published on %s: %s", topic, exc)
+            return False
+        return True
 
     def start(self) -> None:
         if self.link is not None and self.outbox is not None:

@@ -14,6 +14,8 @@ non-zero exit. A caller's misuse of an API (wrong argument type, calling out of 
     │   ├── ProfileMismatch       an artifact built for another hardware profile than the device's
     │   ├── DowngradeError        an artifact not newer than what the device has run (anti-rollback)
     │   ├── CommandRejected       a fleet command that is malformed, unsigned, forged, expired or replayed
+    │   ├── DeltaFormatError      a delta patch that is malformed, truncated or made for another base file
+    │   ├── ReleaseRejected       OTA input refused (release metadata, chunk, repair request); has a reason code
     │   └── RequestError          a malformed inference request (shape, dtype, size)
     ├── KeyFileError              a signing/public key file is missing, unreadable or not Ed25519
     ├── ProfileError              unknown profile, malformed profile TOML, unknown pass or option
@@ -40,6 +42,7 @@ __all__ = [
     "CommandRejected",
     "ConfigError",
     "DataError",
+    "DeltaFormatError",
     "DowngradeError",
     "EdgeopsError",
     "GateFailure",
@@ -50,6 +53,7 @@ __all__ = [
     "OutputError",
     "ProfileError",
     "ProfileMismatch",
+    "ReleaseRejected",
     "RequestError",
     "SignatureError",
     "StorageError",
@@ -138,6 +142,19 @@ class CommandRejected(UntrustedInput):
 
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"command rejected ({reason}){': ' + detail if detail else ''}")
+        self.reason = reason
+        self.detail = detail
+
+
+class DeltaFormatError(UntrustedInput):
+    """A delta patch is malformed or truncated, or does not fit the base file it is applied to."""
+
+
+class ReleaseRejected(UntrustedInput):
+    """OTA input failed a check; ``reason`` is a short code (see ``edgeops.release.OtaReason``) for events."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"release rejected ({reason}){': ' + detail if detail else ''}")
         self.reason = reason
         self.detail = detail
 

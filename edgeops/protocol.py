@@ -43,13 +43,18 @@ __all__ = [
     "CommandName",
     "DeviceTopics",
     "RejectReason",
+    "ReleaseTopics",
     "device_target",
     "device_topics",
     "group_cmd_topic",
     "group_target",
+    "open_envelope",
+    "ota_request_filter",
     "parse_broker_url",
     "parse_command",
     "peek_nonce",
+    "release_topics",
+    "seal_envelope",
     "sign_command",
     "validate_args",
     "validate_segment",
@@ -62,7 +67,7 @@ MAX_DETAIL_CHARS = 200  # of a rejection detail (it goes on the event topic)
 MAX_SIGNATURES = 8  # signatures one envelope may carry
 MAX_PATH_CHARS = 4096  # install-from-file path
 MIN_INTERVAL_S, MAX_INTERVAL_S = 1.0, 86400.0  # set-telemetry-interval bounds, seconds
-_SEGMENT_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_SEGMENT_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")  # no leading dot: segments become file names
 _NONCE_RE = re.compile(r"[A-Za-z0-9_-]{8,128}")
 _PAYLOAD_KEYS = frozenset({"cmd", "args", "fleet", "target", "nonce", "issued_at", "expires_at"})
 
@@ -84,6 +89,7 @@ class CommandName(_WireEnum):
     ROLLBACK = "rollback"
     SET_TELEMETRY_INTERVAL = "set-telemetry-interval"
     INSTALL_FROM_FILE = "install-from-file"
+    OTA_UPDATE = "ota-update"  # fetch a release over MQTT (edgeops.release) and install it
 
 
 class RejectReason(_WireEnum):
@@ -127,6 +133,12 @@ class DeviceTopics:
     ota: str
 
 
+@dataclass(frozen=True)
+class ReleaseTopics:
+    manifest: str  # retained signed release metadata
+    chunk: str  # broadcast chunks of every payload of the release
+
+
 class BrokerAddress(NamedTuple):
     host: str
     port: int
@@ -134,12 +146,12 @@ class BrokerAddress(NamedTuple):
 
 
 def validate_segment(s: str, what: str) -> str:
-    """Return ``s`` when it is a safe topic segment: 1-64 chars of ``[A-Za-z0-9._-]``.
+    """Return ``s`` when it is a safe topic segment: 1-64 chars of ``[A-Za-z0-9._-]``, not starting with a dot.
 
     Raises ValueError naming ``what`` otherwise (MQTT wildcards ``+``/``#``, ``/``, empty, too long...).
     """
     if not isinstance(s, str) or not _SEGMENT_RE.fullmatch(s):
-        raise ValueError(f"invalid {what} {s!r}: expected 1-64 characters of A-Z a-z 0-9 . _ -")
+        raise ValueError(f"invalid {what} {s!r}: expected 1-64 characters of A-Z a-z 0-9 . _ - (no leading dot)")
     return s
 
 
@@ -152,6 +164,17 @@ def device_topics(fleet: str, device_id: str) -> DeviceTopics:
 def group_cmd_topic(fleet: str, group: str) -> str:
     """The command topic of a group. Raises ValueError for an invalid fleet or group name."""
     return f"{TOPIC_ROOT}/{validate_segment(fleet, 'fleet')}/group/{validate_segment(group, 'group')}/cmd"
+
+
+def release_topics(fleet: str, release_id: str) -> ReleaseTopics:
+    """The topics of one release. Raises ValueError for an invalid fleet or release id."""
+    base = f"{TOPIC_ROOT}/{validate_segment(fleet, 'fleet')}/release/{validate_segment(release_id, 'release id')}"
+    return ReleaseTopics(f"{base}/manifest", f"{base}/chunk")
+
+
+def ota_request_filter(fleet: str) -> str:
+    """The subscription filter for every device's repair requests (``.../device/+/ota``)."""
+    return f"{TOPIC_ROOT}/{validate_segment(fleet, 'fleet')}/device/+/ota"
 
 
 def device_target(device_id: str) -> str:
@@ -212,14 +235,15 @@ def validate_args(name: CommandName, args: Mapping[str, Any]) -> dict[str, Any]:
 
     status, promote-shadow, drop-shadow, rollback: ``{}``; set-telemetry-interval: ``{"interval_s": 1..86400}``;
     install-from-file: ``{"path": "/absolute/path"}`` (at most 4096 chars) and optionally ``"shadow": true``
-    (run it beside the active model instead of swapping). Raises ValueError otherwise, including for any extra
-    argument.
+    (run it beside the active model instead of swapping); ota-update: ``{"release_id": <topic segment>}``.
+    Raises ValueError otherwise, including for any extra argument.
     """
     if not isinstance(args, Mapping):
         raise ValueError("args must be an object")
     wanted = {
         CommandName.SET_TELEMETRY_INTERVAL: {"interval_s"},
         CommandName.INSTALL_FROM_FILE: {"path"},
+        CommandName.OTA_UPDATE: {"release_id"},
     }.get(name, set())
     optional = {"shadow"} if name is CommandName.INSTALL_FROM_FILE else set()
     if not wanted <= set(args) or not set(args) <= wanted | optional:
@@ -234,6 +258,8 @@ def validate_args(name: CommandName, args: Mapping[str, Any]) -> dict[str, Any]:
             raise ValueError(f"path must be an absolute path of at most {MAX_PATH_CHARS} characters")
         if not isinstance(args.get("shadow", False), bool):
             raise ValueError("shadow must be true or false")
+    elif name is CommandName.OTA_UPDATE:
+        validate_segment(args["release_id"], "release_id")
     return dict(args)
 
 
@@ -276,9 +302,7 @@ def sign_command(
         "expires_at": issued_at + float(ttl_s),
     }
     raw = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
-    signature = {"keyid": key_id(private_key.public_key()), "sig": base64.b64encode(sign(private_key, raw)).decode()}
-    envelope = {"v": ENVELOPE_VERSION, "payload": base64.b64encode(raw).decode(), "signatures": [signature]}
-    out = json.dumps(envelope, separators=(",", ":")).encode()
+    out = seal_envelope(private_key, raw)
     if len(out) > MAX_COMMAND_BYTES:
         raise ValueError(f"command is {len(out)} bytes, over the {MAX_COMMAND_BYTES}-byte limit")
     return out
@@ -318,11 +342,11 @@ def _b64(value: Any, what: str) -> bytes:
         raise _reject(RejectReason.MALFORMED, f"{what} is not valid base64") from None
 
 
-def _envelope(raw: bytes) -> tuple[bytes, list[tuple[str, bytes]]]:
+def _envelope(raw: bytes, max_bytes: int = MAX_COMMAND_BYTES) -> tuple[bytes, list[tuple[str, bytes]]]:
     if not isinstance(raw, (bytes, bytearray)):
-        raise _reject(RejectReason.MALFORMED, "command is not bytes")
-    if len(raw) > MAX_COMMAND_BYTES:
-        raise _reject(RejectReason.OVERSIZED, f"{len(raw)} bytes, limit {MAX_COMMAND_BYTES}")
+        raise _reject(RejectReason.MALFORMED, "envelope is not bytes")
+    if len(raw) > max_bytes:
+        raise _reject(RejectReason.OVERSIZED, f"{len(raw)} bytes, limit {max_bytes}")
     doc = _json_object(bytes(raw), "envelope")
     if set(doc) != {"v", "payload", "signatures"}:
         raise _reject(RejectReason.MALFORMED, "envelope must have exactly v, payload and signatures")
@@ -376,6 +400,24 @@ def _payload_fields(doc: dict[str, Any]) -> tuple[str, str, str, float, float]:
     if not expires_at > issued_at:
         raise _reject(RejectReason.MALFORMED, "expires_at is not after issued_at")
     return fleet, target, nonce, issued_at, expires_at
+
+
+def seal_envelope(private_key: Ed25519PrivateKey, payload: bytes) -> bytes:
+    """The signed envelope (JSON bytes) around ``payload``: the format commands and release metadata share."""
+    sig = base64.b64encode(sign(private_key, payload)).decode()
+    signature = {"keyid": key_id(private_key.public_key()), "sig": sig}
+    envelope = {"v": ENVELOPE_VERSION, "payload": base64.b64encode(payload).decode(), "signatures": [signature]}
+    return json.dumps(envelope, separators=(",", ":")).encode()
+
+
+def open_envelope(raw: bytes, trusted_keys: Sequence[Ed25519PublicKey], *, max_bytes: int) -> tuple[bytes, str]:
+    """Check an envelope's form and signature; return (payload bytes, id of the key that signed them).
+
+    Raises CommandRejected with reason oversized, malformed, unsigned, untrusted-key or bad-signature (callers for
+    other payload kinds map it to their own error); nothing else for any bytes.
+    """
+    payload, entries = _envelope(raw, max_bytes)
+    return payload, _check_signatures(payload, entries, trusted_keys)
 
 
 def parse_command(raw: bytes, trusted_keys: Sequence[Ed25519PublicKey]) -> Command:

@@ -14,7 +14,7 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    from edgeops.cli import artifact_cmds, build_cmd, command_cmd, profiles_cmd
+    from edgeops.cli import artifact_cmds, build_cmd, command_cmd, delta_cmd, deploy_cmd, profiles_cmd, release_cmd
 
     parser = argparse.ArgumentParser(prog="edgeops", description="Build, sign and ship ML models to edge fleets.")
     parser.add_argument("--version", action="version", version=f"edgeops {__version__}")
@@ -23,6 +23,9 @@ def _parser() -> argparse.ArgumentParser:
     artifact_cmds.add_parsers(sub)
     profiles_cmd.add_parser(sub)
     command_cmd.add_parser(sub)
+    delta_cmd.add_parser(sub)
+    release_cmd.add_parser(sub)
+    deploy_cmd.add_parser(sub)
     return parser
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device_agent.fault_points import POINTS
+from device_agent.fault_points import INSTALL_POINTS
 
 
 def agent_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -26,7 +26,7 @@ def agent_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
     )
 
 
-@pytest.mark.parametrize("point", POINTS)
+@pytest.mark.parametrize("point", INSTALL_POINTS)
 def test_kill_during_install(
     point: str, write_config: Callable[..., Path], artifacts: dict[str, Path], digits_dir: Path, tmp_path: Path
 ) -> None:

@@ -19,6 +19,8 @@ LIGHT_CORE = {
     "edgeops.runtime",
     "edgeops.atomic_file",
     "edgeops.protocol",
+    "edgeops.release",
+    "edgeops.delta",
 }
 
 CODE = """
@@ -52,5 +54,6 @@ def test_running_agent_imports_only_the_light_core(
     loaded = set(json.loads(out.stdout.strip().splitlines()[-1]))
     assert {"device_agent.agent", "onnxruntime", "paho.mqtt.client"} <= loaded
     assert sorted(m for m in loaded if m.split(".")[0] in HEAVY) == []
-    host_side = sorted(m for m in loaded if m.startswith("edgeops") and m not in LIGHT_CORE)
+    light = [m for m in loaded if m in LIGHT_CORE or m.startswith("edgeops.delta.")]
+    host_side = sorted(m for m in loaded if m.startswith("edgeops") and m not in light)
     assert host_side == []

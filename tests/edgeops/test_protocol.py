@@ -46,6 +46,7 @@ VALID_ARGS: dict[CommandName, dict[str, Any]] = {
     CommandName.ROLLBACK: {},
     CommandName.SET_TELEMETRY_INTERVAL: {"interval_s": 30},
     CommandName.INSTALL_FROM_FILE: {"path": "/opt/models/digits-1.1.0-rpi4.edgeops"},
+    CommandName.OTA_UPDATE: {"release_id": "digits-1.1.0-rpi4"},
 }
 
 
