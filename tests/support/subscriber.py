@@ -66,6 +66,23 @@ class Collector:
                     raise AssertionError(f"no {suffix} message matched within {timeout}s; last: {seen}")
                 self._cond.wait(left)
 
+    def messages_on(self, topic: str, timeout: float = 15.0) -> list[bytes]:
+        """The payloads received on exactly ``topic``, waiting up to ``timeout`` s for at least one."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                found = [p for t, p, _ in self.messages if t == topic]
+                left = deadline - time.monotonic()
+                if found or left <= 0:
+                    if not found:
+                        raise AssertionError(f"nothing on {topic} within {timeout}s")
+                    return found
+                self._cond.wait(left)
+
+    def clear(self) -> None:
+        with self._cond:
+            self.messages.clear()
+
     def publish(self, topic: str, payload: bytes) -> None:
         self.client.publish(topic, payload, qos=1).wait_for_publish(5)
 
