@@ -30,7 +30,7 @@ from edgeops.protocol import (
     sign_command,
 )
 
-__all__ = ["add_parser", "parse_arg"]
+__all__ = ["BrokerLink", "add_parser", "parse_arg"]
 
 CONNECT_TIMEOUT_S = 10.0
 OK_EVENTS = ("command.accepted", "command.done")
@@ -125,7 +125,7 @@ def _publish(
             raise TransportError(f"cannot set up TLS with CA {args.ca}: {exc}") from exc
     if args.username:
         client.username_pw_set(args.username, args.password)
-    link = _Link(nonce)
+    link = BrokerLink(nonce)
     client.on_connect, client.on_subscribe, client.on_message = link.on_connect, link.on_subscribe, link.on_message
     try:
         client.connect(broker.host, broker.port, keepalive=30)
@@ -153,8 +153,11 @@ def _publish(
         client.loop_stop()
 
 
-class _Link:
-    """paho callbacks → threading events (the CLI's only shared state with paho's network thread)."""
+class BrokerLink:
+    """paho callbacks → threading events (the CLI's only shared state with paho's network thread).
+
+    Waits for the first event that echoes ``nonce``; ``edgeops deploy`` subclasses it to wait for OTA outcomes.
+    """
 
     def __init__(self, nonce: str) -> None:
         self.nonce = nonce

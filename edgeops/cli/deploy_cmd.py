@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgeops.cli.command_cmd import CONNECT_TIMEOUT_S, _Link
+from edgeops.cli.command_cmd import CONNECT_TIMEOUT_S, BrokerLink
 from edgeops.errors import TransportError
 from edgeops.protocol import (
     BrokerAddress,
@@ -105,7 +105,7 @@ def _announced_version(raw: bytes, release_id: str) -> str | None:
     return str(doc["version"])
 
 
-class _DeployLink(_Link):
+class _DeployLink(BrokerLink):
     """command send's link, also taking the retained metadata and matching events by release, not nonce."""
 
     def __init__(self, nonce: str, manifest_topic: str, release_id: str) -> None:
