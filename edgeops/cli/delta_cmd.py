@@ -40,9 +40,9 @@ def add_parser(sub: Any) -> None:
         description="Write a patch that turns OLD into NEW (artifacts, .tflite/.onnx models or any files). Tensors "
         "are aligned and diffed by byte plane where the files are models; the smallest codec measured is kept.",
     )
-    make.add_argument("old", type=Path, metavar="OLD")
-    make.add_argument("new", type=Path, metavar="NEW")
-    make.add_argument("-o", "--output", type=Path, required=True, metavar="PATCH")
+    make.add_argument("old", type=Path, metavar="OLD", help="the version devices have")
+    make.add_argument("new", type=Path, metavar="NEW", help="the version to ship")
+    make.add_argument("-o", "--output", type=Path, required=True, metavar="PATCH", help="where to write the patch")
     make.add_argument("--level", type=_level, default=19, metavar="N", help="zstd level 1..22 (default 19)")
     make.add_argument("--json", action="store_true", help="print the DeltaInfo as JSON")
     make.set_defaults(func=_make)
@@ -52,9 +52,9 @@ def add_parser(sub: Any) -> None:
         help="make NEW from OLD and a patch",
         description="Make NEW from OLD and PATCH; NEW appears only when its sha256 is the one the patch announces.",
     )
-    apply.add_argument("old", type=Path, metavar="OLD")
+    apply.add_argument("old", type=Path, metavar="OLD", help="the base the patch was made from")
     apply.add_argument("patch", type=Path, metavar="PATCH")
-    apply.add_argument("-o", "--output", type=Path, required=True, metavar="NEW")
+    apply.add_argument("-o", "--output", type=Path, required=True, metavar="NEW", help="where to write the result")
     apply.add_argument("--expect-sha256", metavar="HEX", help="also require NEW to have this sha256")
     apply.add_argument("--json", action="store_true", help="print the result as JSON")
     apply.set_defaults(func=_apply)

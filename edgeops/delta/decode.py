@@ -6,8 +6,11 @@ and writing NEW sequentially to a temp file in OUT's directory while hashing it;
 file onto OUT only when the hash is the one the patch announces (and the caller expects).
 
 Memory: at most one DIFF/PLANES op (MAX_DIFF_BYTES of NEW) in a few copies, plus, when the patch has a literal
-stream, its dictionary (OLD's bytes outside the paired tensors; all of OLD for ``zstd-patch-from``) and the
-zstd window, which is at most the literal stream's size. So peak memory stays under old + new + 16 MiB.
+stream, its dictionary D (OLD's bytes outside the tensors the ops read; all of OLD for ``zstd-patch-from``) and
+the zstd window W (at most the literal stream's size, and capped by what the encoder asks for): the peak is about
+max(2 D, D + W) + a few MiB. For tensor-planes patches D and W are the files' non-tensor bytes (kilobytes to a
+few MiB); for zstd-patch-from it is max(2 old, old + new), within old + new + 16 MiB unless OLD is much larger
+than NEW.
 
 Guarantees: on any failure no OUT and no temp file are left, and OUT keeps what it held. Raises
 :class:`DeltaFormatError` (malformed or truncated patch, or OLD is not its base), :class:`IntegrityError` (the
@@ -29,25 +32,15 @@ import numpy as np
 import zstandard
 
 from edgeops.atomic_file import fsync_dir
-from edgeops.delta.patch_format import (
-    HEADER_SIZE,
-    Copy,
-    Diff,
-    Literal,
-    PatchHeader,
-    Planes,
-    SectionSizes,
-    iter_dict_ranges,
-    iter_ops,
-    parse_header,
-)
+from edgeops.delta.op_table import Copy, Diff, Literal, Planes, iter_dict_ranges, iter_ops
+from edgeops.delta.patch_format import HEADER_SIZE, PatchHeader, SectionSizes, parse_header
 from edgeops.delta.planes import apply_transform, decode_planes
+from edgeops.delta.zstd_prefix import prefix_window_log
 from edgeops.errors import DeltaFormatError, IntegrityError, StorageError
 
 __all__ = ["apply_delta", "read_patch_header"]
 
 IO_CHUNK = 1 << 20  # bytes read or written at a time
-MAX_LITERAL_WINDOW = 1 << 31  # zstd window a literal frame may announce (the decoder's buffer is min(window, size))
 
 
 def _pread(fd: int, length: int, offset: int, what: str) -> bytes:
@@ -126,9 +119,11 @@ class _LiteralStream:
             params = zstandard.get_frame_parameters(_pread(patch_fd, min(sizes.literal, 18), start, "literal frame"))
         except zstandard.ZstdError as exc:
             raise DeltaFormatError(f"corrupt literal frame: {exc}") from None
-        if params.content_size != sizes.literal_raw or params.window_size > MAX_LITERAL_WINDOW or params.dict_id:
+        dict_size = sum(n for _, n in iter_dict_ranges(table, header.old_size))
+        window_cap = 1 << prefix_window_log(dict_size, sizes.literal_raw)  # what the encoder asks for, at most
+        if params.content_size != sizes.literal_raw or params.window_size > window_cap or params.dict_id:
             raise DeltaFormatError("literal frame does not match the patch header")
-        dictionary = _dictionary(old_fd, table, header.old_size)
+        dictionary = _dictionary(old_fd, table, header.old_size, dict_size)
         dctx = zstandard.ZstdDecompressor(dict_data=dictionary, max_window_size=max(params.window_size, 1 << 10))
         section = cast(IO[bytes], _Section(patch_fd, start, sizes.literal))  # read() is all the reader uses
         self.reader = dctx.stream_reader(section, read_size=1 << 16)
@@ -156,9 +151,12 @@ class _LiteralStream:
             raise DeltaFormatError(f"corrupt literal frame: {exc}") from None
 
 
-def _dictionary(old_fd: int, table: bytes, old_size: int) -> zstandard.ZstdCompressionDict | None:
-    """The literal stream's raw-content dictionary: the OLD ranges the table lists, concatenated."""
-    total = sum(n for _, n in iter_dict_ranges(table, old_size))
+def _dictionary(old_fd: int, table: bytes, old_size: int, total: int) -> zstandard.ZstdCompressionDict | None:
+    """The literal stream's raw-content dictionary: the OLD ranges the table lists (``total`` bytes), concatenated.
+
+    Held once: the bytearray is copied into the dictionary and dropped, so the peak is 2 x ``total`` only while
+    the dictionary is built, before the zstd window exists.
+    """
     if not total:
         return None
     buf = bytearray(total)
@@ -251,7 +249,9 @@ def apply_delta(old: Path, patch: Path, out: Path, *, expected_sha256: str | Non
             raise IntegrityError(f"{patch} makes sha256 {header.new_sha256}, not the expected {expected}")
         _check_base(old_fd, old, header)
         table = _decompress_table(patch_fd, sizes)
-        for _ in iter_ops(table, header, sizes):  # validate every op before writing anything
+        for _ in iter_dict_ranges(table, header.old_size):  # validate the whole table before writing anything
+            pass
+        for _ in iter_ops(table, header, sizes):
             pass
         with _temp_output(out) as (out_fd, tmp):
             sink = _Output(out_fd, out)

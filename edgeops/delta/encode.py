@@ -7,15 +7,16 @@ Two codecs (see :class:`~edgeops.delta.patch_format.Codec`):
   remaining tensors of the same length. A paired tensor that did not change is a COPY op (a few bytes); one that
   changed is DIFF ops of byte-plane differences (:mod:`edgeops.delta.planes`), at most MAX_DIFF_BYTES each. A
   NEW tensor with no counterpart becomes PLANES ops when its own planes are clearly cheaper than its bytes.
-  Everything else (tar headers, manifest, signature, flatbuffer/protobuf structure, small unpaired tensors) is
-  the literal stream, one zstd frame whose dictionary is OLD minus its paired tensors, so an edited manifest
-  costs only its edits.
+  The bytes between tensors are a COPY where OLD holds the same bytes at the same relative place (so an
+  unchanged layout is one long COPY); everything else (manifest, signature, changed structure, small unpaired
+  tensors) is the literal stream, one zstd frame referencing the OLD bytes no op reads (tar headers, manifest,
+  unpaired tensors...), so an edited manifest costs only its edits.
 - ``zstd-patch-from``: NEW as one literal stream with all of OLD as its dictionary and a window over both (what
   ``zstd --patch-from`` does); the fallback for anything the readers do not understand.
 
-Guarantees: the patch bytes are a function of (OLD, NEW, level) only (deterministic); encoding never depends on
-the decoder running the layout readers. It does not check that the result applies: :func:`make_delta` does
-that by measuring sizes only, and the caller's apply verifies the hash.
+Guarantees: the patch bytes are a function of (OLD, NEW, level) only (deterministic), and applying them never
+depends on the layout readers (the decoder does not run them). :func:`edgeops.delta.make_delta` applies the
+patch it keeps once before handing it out.
 """
 
 from __future__ import annotations
@@ -29,19 +30,8 @@ import numpy as np
 import zstandard
 
 from edgeops.delta.layout import find_regions
-from edgeops.delta.patch_format import (
-    MAX_DIFF_BYTES,
-    Copy,
-    Diff,
-    Literal,
-    Op,
-    PatchHeader,
-    Planes,
-    SectionSizes,
-    TableWriter,
-    Transform,
-    pack_header,
-)
+from edgeops.delta.op_table import MAX_DIFF_BYTES, Copy, Diff, Literal, Op, Planes, TableWriter, Transform
+from edgeops.delta.patch_format import PatchHeader, SectionSizes, pack_header
 from edgeops.delta.planes import U8, encode_planes, planes_beat_bytes
 from edgeops.delta.regions import Region
 from edgeops.delta.zstd_prefix import compress_with_prefix

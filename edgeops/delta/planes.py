@@ -35,7 +35,7 @@ import numpy as np
 import numpy.typing as npt
 import zstandard
 
-from edgeops.delta.patch_format import PlaneMethod, PlaneSet, Transform
+from edgeops.delta.op_table import PlaneMethod, PlaneSet, Transform
 from edgeops.errors import DeltaFormatError
 
 __all__ = ["U8", "EncodedPlanes", "apply_transform", "decode_planes", "encode_planes", "planes_beat_bytes"]

@@ -68,10 +68,10 @@ class _FlatBuffer:
     def __init__(self, buf: memoryview) -> None:
         self.buf = buf
         self.size = len(buf)
-        # Tables visited, at most one per 4 bytes of file (+ slack): a legitimate model's tables are distinct and
-        # each takes at least 4 bytes, so a file whose vectors point at the same tables again and again (an
-        # exponential DAG) stops here instead of looping for ever.
-        self.budget = self.size // 4 + 64
+        # Tables visited, at most one per 8 bytes of file (+ slack): a legitimate model's tables are distinct and
+        # each takes at least 8 bytes (its vtable offset and a field), so a file whose vectors point at the same
+        # tables again and again (a DAG that would take 10^10 visits) stops here, in time linear in its size.
+        self.budget = self.size // 8 + 64
 
     def check(self, pos: int, n: int) -> None:
         if pos < 0 or pos + n > self.size:
@@ -170,9 +170,8 @@ def _buffer_span(fb: _FlatBuffer, buffer: int) -> tuple[int, int] | None:
     if off_pos is None or size_pos is None:
         return None
     offset, size = fb.u64(off_pos), fb.u64(size_pos)
-    if offset <= 1 or size == 0:  # 0/1 are the converter's placeholders for "no data"
-        return None
-    fb.check(offset, size)
+    if offset <= 1 or size == 0 or offset + size > fb.size:  # 0/1: the converter's "no data"; past the end:
+        return None  # the data is not in this file (e.g. a model cut short inside an archive): nothing to pair
     return offset, size
 
 
