@@ -119,7 +119,7 @@ class ToolResult:
 def _shown(cmd: list[str], what: str) -> str:
     """A command for the JSON, with ``python -c CODE`` shown as the name of its snippet in this file."""
     if cmd[1:2] == ["-c"]:
-        return " ".join(["python", "-c", f"<{what} snippet in benchmarks/delta_bench.py>", *cmd[3:]])
+        return " ".join(["python", "-c", f"<{what} snippet in benchmarks/delta_tools.py>", *cmd[3:]])
     return " ".join(cmd)
 
 
@@ -243,6 +243,8 @@ def goal_size(cases: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def goal_create_speed(cases: list[dict[str, Any]]) -> dict[str, Any]:
+    """bsdiff4 create s / edgeops create s >= 5 in every case of the large model (its int8 files are 13 MB: judged
+    too, the stricter reading; the value also gives the worst over the files of >= 50 MB, DESIGN.md's wording)."""
     detail: dict[str, Any] = {}
     for case in (c for c in cases if c["model"] == "large"):
         ours, bsdiff = _result(case, "edgeops"), _result(case, "bsdiff4")
@@ -259,7 +261,9 @@ def goal_create_speed(cases: list[dict[str, Any]]) -> dict[str, Any]:
     passed = not lost and len(speedups) == len(detail)
     why = None if passed else "; ".join([f"{k}: {speedups[k]:.1f} x" for k in lost]
                                         + [f"{k}: not measured" for k, v in detail.items() if v is None])
-    return _goal({"worst_speedup": speedups[worst], "worst_case": worst}, passed, detail, why)
+    big = [speedups[c["case"]] for c in cases if c["case"] in speedups and c["old_bytes"] >= 50_000_000]
+    return _goal({"worst_speedup": speedups[worst], "worst_case": worst,
+                  "worst_on_files_of_50mb_or_more": min(big) if big else None}, passed, detail, why)
 
 
 def goal_apply_memory(cases: list[dict[str, Any]]) -> dict[str, Any]:
