@@ -41,7 +41,7 @@ class OtaConfig:
     max_download_bytes: int = 1024**3  # a release whose payload or target is larger is refused before download
     repair_idle_s: float = 2.0  # ask for missing chunks after this long without one arriving
     repair_min_interval_s: float = 2.0  # at most one repair request per this many seconds
-    sync_every_chunks: int = 32  # fsync the download every N chunks (the flags are re-verified on resume)
+    sync_every_chunks: int = 128  # fsync the download every N chunks (the flags are re-verified on resume)
 
 
 @dataclass(frozen=True)

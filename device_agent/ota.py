@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 __all__ = ["OtaClient"]
 
 log = logging.getLogger(__name__)
-TICK_S = 0.2  # how often the repair timer looks at the download
+TICK_S = 0.1  # how often the repair timer looks at the download
 
 
 def _sha256_file(path: Path) -> str:
@@ -218,6 +218,13 @@ class OtaClient:
         self._update_subscriptions()
         if assembler.complete:
             self._complete(dl)
+        else:
+            self._request_repairs(dl)  # a fresh download asks at once; a resumed one waits (repair_due decides)
+
+    def _request_repairs(self, dl: _Download) -> None:
+        now = time.monotonic()
+        if self.agent.reporter.connected and dl.assembler.repair_due(now):
+            self.agent.reporter.publish_now(self.agent.reporter.topics.ota, dl.assembler.repair_request(now))
 
     def _on_chunk(self, raw: bytes) -> None:
         with self._lock:

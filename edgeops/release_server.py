@@ -50,7 +50,8 @@ __all__ = ["ReleaseServer"]
 log = logging.getLogger(__name__)
 
 MAX_LOGGED_REJECTIONS = 10_000  # (device, reason) pairs remembered for log-once; counting goes on past it
-DEFAULT_GATHER_S = 0.2  # seconds a pass waits after the request that starts it, so devices told together share it
+DEFAULT_GATHER_S = 0.1  # a pass starts after this long without a new request, so devices told together share it
+MAX_GATHER_S = 2.0  # ... but never later than this after the first request
 _RECONNECT_DELAY_S = (1, 10)  # paho's reconnect back-off, min and max seconds
 
 
@@ -65,6 +66,7 @@ class _Stream:
     file: BinaryIO
     planner: RepairPlanner
     ready_at: float = 0.0  # time.monotonic() before which the pass just started must not publish (gathering)
+    gather_started: float = 0.0  # when the request that started the gathering arrived
     bytes_published: int = 0
     store_errors: int = 0
 
@@ -96,10 +98,10 @@ class ReleaseServer:
         password: str | None = None,
         ca_certs: Path | None = None,
     ) -> None:
-        """``gather_s``: a request that finds its payload idle starts a pass ``gather_s`` seconds later, so that
-        devices told to update at the same moment (a group command) share the first pass instead of joining it
-        half-way. Raises ValueError for a bad fleet, a release of another fleet, max_inflight < 1 or a negative
-        gather_s."""
+        """``gather_s``: a request that finds its payload idle starts a pass once ``gather_s`` seconds pass
+        without another request (at most MAX_GATHER_S after the first), so that devices told to update at the
+        same moment (a group command) share the first pass instead of joining it half-way. Raises ValueError for
+        a bad fleet, a release of another fleet, max_inflight < 1 or a negative gather_s."""
         if max_inflight < 1 or gather_s < 0:
             raise ValueError("max_inflight must be at least 1 and gather_s not negative")
         self.broker, self.fleet = broker, validate_segment(fleet, "fleet")
@@ -265,8 +267,11 @@ class ReleaseServer:
             request = parse_repair(bytes(message.payload))
             with self._cond:
                 stream = self._stream_for(request)
+                now = time.monotonic()
                 if not stream.planner.pending:
-                    stream.ready_at = time.monotonic() + self.gather_s
+                    stream.gather_started, stream.ready_at = now, now + self.gather_s
+                elif stream.ready_at > now:  # still gathering: wait for a quiet gather_s, at most MAX_GATHER_S
+                    stream.ready_at = min(stream.gather_started + MAX_GATHER_S, now + self.gather_s)
                 stream.planner.request(request.missing)
                 self._requests += 1
                 self._cond.notify_all()
