@@ -38,9 +38,10 @@ Parts (``--skip`` leaves one out):
   sends, resends, chunks asked again in repeated requests), when the devices' first requests came, time to
   converge.
 
-Writes benchmarks/results/ota.json (``--out``), prints a table and the goals met/missed; progress on stderr; exit
-status 0 only when every goal measured is met. Run: ``.venv/bin/python benchmarks/ota_bench.py`` (~1 min;
-``--size-mb 20 --devices 50 --reps 5 --skip PART --gather-s S --agent-ota KEY=VALUE --work DIR --out PATH``).
+Writes benchmarks/results/ota.json (``--out``), prints a table and the goals met/missed; progress on stderr. Exit
+status 1 when a part could not be measured (a missed goal is a result, not a failure).
+Run: ``.venv/bin/python benchmarks/ota_bench.py`` (~1 min; ``--size-mb 20 --devices 50 --reps 5 --fleet-reps 3
+--skip PART --gather-s S --agent-ota KEY=VALUE --work DIR --out PATH``).
 """
 
 from __future__ import annotations
@@ -585,6 +586,7 @@ def edgeops_download(bench: Bench, rel: PublishedRelease, device: str) -> dict[s
 
 
 def part_goodput(bench: Bench, rel: PublishedRelease, reps: int) -> dict[str, Any]:
+    """``reps`` downloads of ``rel`` by fresh agents, each after RAW_PER_REP raw paho runs of the same bytes."""
     payload = rel.payload_file(rel.meta.payloads[0].id)
     raw_runs, ota_runs = [], []
     for rep in range(reps):
@@ -850,9 +852,9 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
         out.append(
             {
                 "goal": "one release to a fleet: each chunk published once (plus repairs)",
-                "value": round(f["published_per_chunk_median"], 3),
+                "value": round(max(r["published_per_chunk"] for r in runs), 3),
                 "met": explained and done,
-                "detail": "publishes per chunk (median of fleets): "
+                "detail": "publishes per chunk in the worst fleet; all: "
                 + ", ".join(
                     f"{r['chunks_published']}/{chunks} ({r['resends']} resends, {r['repaired_chunks_asked']} chunks "
                     f"asked again; {r['completed']}/{f['devices']} completed)"
@@ -1034,7 +1036,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.write_text(json.dumps(results, indent=1, default=str) + "\n")
     print_table(results)
     print(f"\nwrote {args.out} ({results['seconds']} s)")
-    return 0 if results["goals"] and all(g["met"] for g in results["goals"]) else 1
+    failed = [name for name in PARTS if isinstance(results.get(name), dict) and "error" in results[name]]
+    return 1 if failed else 0  # a missed goal is a result; a part that could not be measured is a failure
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from edgeops.protocol import (
     sign_command,
 )
 
-__all__ = ["BrokerLink", "add_parser", "parse_arg"]
+__all__ = ["BrokerLink", "add_parser", "parse_arg", "print_outcome"]
 
 CONNECT_TIMEOUT_S = 10.0
 OK_EVENTS = ("command.accepted", "command.done")
@@ -199,8 +199,13 @@ def _report(args: argparse.Namespace, topic: str, target: str, nonce: str, event
         print(json.dumps(doc, indent=2, sort_keys=True))
         return 0 if ok else 1
     print(f"sent {args.name} to {target} (nonce {nonce})")
+    return print_outcome(event, ok=ok, waited=waited, target=target, wait_s=args.wait)
+
+
+def print_outcome(event: Mapping[str, Any] | None, *, ok: bool, waited: bool, target: str, wait_s: float | None) -> int:
+    """Print the device's answer (or its absence) as one line; the exit status: 0 when ``ok``, else 1."""
     if waited and event is None:
-        print(f"edgeops: error: no answer from {target} within {args.wait:g} s", file=sys.stderr)
+        print(f"edgeops: error: no answer from {target} within {wait_s:g} s", file=sys.stderr)
     elif event is not None:
         reason = f": {event['reason']}" if event.get("reason") else ""
         line = f"{event.get('type', 'event')}{reason}"

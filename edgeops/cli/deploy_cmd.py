@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgeops.cli.command_cmd import CONNECT_TIMEOUT_S, BrokerLink
+from edgeops.cli.command_cmd import CONNECT_TIMEOUT_S, BrokerLink, print_outcome
 from edgeops.errors import TransportError
 from edgeops.protocol import (
     BrokerAddress,
@@ -250,10 +250,4 @@ def _report(args: argparse.Namespace, plan: _Plan, link: _DeployLink) -> int:
         print(json.dumps(doc, indent=2, sort_keys=True))
         return 0 if ok else 1
     print(f"sent ota-update {plan.release_id} (version {link.version}) to {plan.target} (nonce {plan.nonce})")
-    if waited and event is None:
-        print(f"edgeops: error: no outcome from {plan.target} within {args.wait:g} s", file=sys.stderr)
-    elif event is not None:
-        reason = f": {event['reason']}" if event.get("reason") else ""
-        line = f"{event.get('type')}{reason}"
-        print(line if ok else f"edgeops: error: {line}", file=sys.stdout if ok else sys.stderr)
-    return 0 if ok else 1
+    return print_outcome(event, ok=ok, waited=waited, target=plan.target, wait_s=args.wait)
