@@ -267,28 +267,21 @@ class OtaClient:
     def _complete(self, dl: _Download) -> None:
         self._sync(dl)
         dl.applying = True
+        self._jobs.put(dl)  # first: nothing below may strand a complete download
+        self._update_subscriptions()
         self.agent.reporter.event(
             "ota.downloaded",
             release_id=dl.meta.release_id,
             seconds=round(time.monotonic() - dl.started, 3),
             **{k: v for k, v in dl.assembler.progress().items() if k in ("received", "total", "bytes", "corrupt")},
         )
-        self._update_subscriptions()
-        self._jobs.put(dl)
 
     # -- repair requests -------------------------------------------------------------------------------------
     def _repair_timer(self) -> None:
-        topic = self.agent.reporter.topics.ota
         while not self._stop.wait(TICK_S):
             with self._lock:
-                dl = self._dl
-                if dl is None or dl.applying or not self.agent.reporter.connected:
-                    continue
-                now = time.monotonic()
-                if not dl.assembler.repair_due(now):
-                    continue
-                request = dl.assembler.repair_request(now)
-            self.agent.reporter.publish_now(topic, request)
+                if self._dl is not None and not self._dl.applying:
+                    self._request_repairs(self._dl)
 
     # -- apply and install (worker thread) -------------------------------------------------------------------
     def _apply_worker(self) -> None:

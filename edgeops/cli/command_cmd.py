@@ -30,7 +30,7 @@ from edgeops.protocol import (
     sign_command,
 )
 
-__all__ = ["BrokerLink", "add_parser", "parse_arg", "print_outcome"]
+__all__ = ["BrokerLink", "add_parser", "connect", "parse_arg", "print_outcome"]
 
 CONNECT_TIMEOUT_S = 10.0
 OK_EVENTS = ("command.accepted", "command.done")
@@ -112,26 +112,8 @@ def _publish(
 ) -> dict[str, Any] | None:
     """Publish ``raw`` at QoS 1 and, when ``event_topic`` is given, return the first event echoing ``nonce``
     (None when none came within ``args.wait``). Raises TransportError when the broker cannot be reached."""
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
-
-    client = mqtt.Client(
-        callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"edgeops-cli-{nonce[:12]}", protocol=mqtt.MQTTv5
-    )
-    if broker.tls:
-        try:
-            client.tls_set(ca_certs=str(args.ca) if args.ca else None)
-        except (OSError, ValueError) as exc:  # missing or unreadable CA file
-            raise TransportError(f"cannot set up TLS with CA {args.ca}: {exc}") from exc
-    if args.username:
-        client.username_pw_set(args.username, args.password)
     link = BrokerLink(nonce)
-    client.on_connect, client.on_subscribe, client.on_message = link.on_connect, link.on_subscribe, link.on_message
-    try:
-        client.connect(broker.host, broker.port, keepalive=30)
-    except OSError as exc:
-        raise TransportError(f"cannot reach the broker {args.broker}: {exc}") from exc
-    client.loop_start()
+    client = connect(args, broker, f"edgeops-cli-{nonce[:12]}", link)
     try:
         link.wait(link.connected, CONNECT_TIMEOUT_S, f"no CONNACK from {args.broker}")
         if event_topic is not None:
@@ -151,6 +133,31 @@ def _publish(
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+def connect(args: argparse.Namespace, broker: BrokerAddress, client_id: str, link: BrokerLink) -> Any:
+    """A started paho MQTT 5 client wired to ``link`` (TLS with ``args.ca``, ``args.username``/``password``).
+
+    Raises TransportError when TLS cannot be set up or the broker cannot be reached.
+    """
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    if broker.tls:
+        try:
+            client.tls_set(ca_certs=str(args.ca) if args.ca else None)
+        except (OSError, ValueError) as exc:  # missing or unreadable CA file
+            raise TransportError(f"cannot set up TLS with CA {args.ca}: {exc}") from exc
+    if args.username:
+        client.username_pw_set(args.username, args.password)
+    client.on_connect, client.on_subscribe, client.on_message = link.on_connect, link.on_subscribe, link.on_message
+    try:
+        client.connect(broker.host, broker.port, keepalive=30)
+    except OSError as exc:
+        raise TransportError(f"cannot reach the broker {args.broker}: {exc}") from exc
+    client.loop_start()
+    return client
 
 
 class BrokerLink:

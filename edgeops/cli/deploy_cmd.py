@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgeops.cli.command_cmd import CONNECT_TIMEOUT_S, BrokerLink, print_outcome
+from edgeops.cli.command_cmd import CONNECT_TIMEOUT_S, BrokerLink, connect, print_outcome
 from edgeops.errors import TransportError
 from edgeops.protocol import (
     BrokerAddress,
@@ -189,25 +189,7 @@ def _deploy(args: argparse.Namespace) -> int:
 def _send(args: argparse.Namespace, broker: BrokerAddress, plan: _Plan, link: _DeployLink) -> bool:
     """Check the announcement, publish the command and (with --wait) wait for the outcome. False when the release
     is not announced (nothing sent). Raises TransportError when the broker cannot be reached."""
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
-
-    client = mqtt.Client(
-        CallbackAPIVersion.VERSION2, client_id=f"edgeops-deploy-{plan.nonce[:12]}", protocol=mqtt.MQTTv5
-    )
-    if broker.tls:
-        try:
-            client.tls_set(ca_certs=str(args.ca) if args.ca else None)
-        except (OSError, ValueError) as exc:
-            raise TransportError(f"cannot set up TLS with CA {args.ca}: {exc}") from exc
-    if args.username:
-        client.username_pw_set(args.username, args.password)
-    client.on_connect, client.on_subscribe, client.on_message = link.on_connect, link.on_subscribe, link.on_message
-    try:
-        client.connect(broker.host, broker.port, keepalive=30)
-    except OSError as exc:
-        raise TransportError(f"cannot reach the broker {args.broker}: {exc}") from exc
-    client.loop_start()
+    client = connect(args, broker, f"edgeops-deploy-{plan.nonce[:12]}", link)
     try:
         link.wait(link.connected, CONNECT_TIMEOUT_S, f"no CONNACK from {args.broker}")
         topics = [link.manifest_topic] + ([plan.event_topic] if plan.event_topic else [])
