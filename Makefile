@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 DEMO   := examples/digits/out
 DIST   := dist
 
-.PHONY: demo test lint typecheck pytest fast-test venv system-deps bench clean
+.PHONY: demo demo-build test lint typecheck pytest fast-test venv system-deps system-mosquitto bench clean
 
 venv: $(STAMP)
 
@@ -17,12 +17,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[host,agent,fleet,dev]'
 	@touch $(STAMP)
 
-# Debian/Ubuntu packages: python3-venv when venv is missing, mosquitto for the MQTT tests.
+# Debian/Ubuntu packages: python3-venv when venv is missing, mosquitto for the MQTT tests, chromium for the
+# dashboard's browser test (Playwright drives /usr/bin/chromium; its own browser download is not used).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 system-venv:
 	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-venv
 
-system-deps:
+system-deps: system-mosquitto
+	@[ -x /usr/bin/chromium ] || \
+	  { echo "installing chromium (apt)"; $(SUDO) apt-get update -qq && \
+	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+system-mosquitto:
 	@command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || \
 	  { echo "installing mosquitto (apt)"; $(SUDO) apt-get update -qq && \
 	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto; }
@@ -44,7 +50,14 @@ fast-test: $(STAMP)
 $(DEMO)/digits.keras: $(STAMP) examples/digits/train.py
 	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python examples/digits/train.py --out $(DEMO)
 
-demo: $(DEMO)/digits.keras
+# The fleet demo: mosquitto, digits v1 and a fine-tuned v2 built for rpi4, the fleet service with its dashboard,
+# 20 real agents in two groups, v1 rolled out, then v2 as a delta with a canary. Ctrl-C stops everything.
+# DEMO_ARGS=--exit-when-done stops once v2 is on every device.
+demo: $(DEMO)/digits.keras system-mosquitto
+	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/edgeops demo --workdir $(DIST)/demo $(DEMO_ARGS)
+
+# Every profile built once from the digits example, with its HTML/JSON report.
+demo-build: $(DEMO)/digits.keras
 	@[ -f $(DIST)/keys/signing.key ] || $(BIN)/edgeops keys init --dir $(DIST)/keys
 	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/edgeops build $(DEMO)/digits.keras \
 	  --profile rpi4 --profile x86-gateway --profile coral-edgetpu --profile ios --profile android-arm64 \
@@ -53,7 +66,7 @@ demo: $(DEMO)/digits.keras
 	@for f in $(DIST)/digits/*.edgeops; do $(BIN)/edgeops verify $$f --pubkey $(DIST)/keys/signing.pub; done
 	@echo "report: $(DIST)/digits/report.html (and report.json)"
 
-bench: $(DEMO)/digits.keras system-deps bench-deps
+bench: $(DEMO)/digits.keras system-mosquitto bench-deps
 	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python benchmarks/compile_bench.py
 	$(BIN)/python benchmarks/agent_bench.py
 	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python benchmarks/delta_bench.py
@@ -69,11 +82,11 @@ clean:
 	rm -rf $(DIST) $(DEMO) .pytest_cache .mypy_cache .ruff_cache
 
 .PHONY: bench-agent bench-delta bench-ota bench-deps
-bench-agent: $(DEMO)/digits.keras system-deps
+bench-agent: $(DEMO)/digits.keras system-mosquitto
 	$(BIN)/python benchmarks/agent_bench.py
 
 bench-delta: $(DEMO)/digits.keras bench-deps
 	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python benchmarks/delta_bench.py
 
-bench-ota: $(DEMO)/digits.keras system-deps
+bench-ota: $(DEMO)/digits.keras system-mosquitto
 	$(BIN)/python benchmarks/ota_bench.py

@@ -99,12 +99,14 @@ class FleetSim:
         serve_api: bool = False,
         id_prefix: str = "sim",
         threads: int | None = 1,
+        extra: Callable[[int], dict[str, dict[str, Any]]] | None = None,
     ) -> None:
         """Write the N ``agent.toml`` files under ``root/<device_id>/`` (nothing starts yet).
 
         Device ids are ``{id_prefix}-0000``, ``{id_prefix}-0001`` ...; ``groups(i)`` gives device i's groups.
         With ``serve_api`` each agent serves its HTTP API on a free 127.0.0.1 port. Raises ValueError for a bad
-        ``n``, id prefix, fleet or group, and StorageError when the files cannot be written.
+        ``n``, id prefix, fleet or group, and StorageError when the files cannot be written. ``extra(i)`` gives
+        device i more config sections (``{"health": {"latency_budget_factor": 0.5}}``), merged over the defaults.
         """
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
@@ -136,6 +138,8 @@ class FleetSim:
                 "telemetry": {"interval_s": telemetry_interval_s},
                 "api": {"address": "127.0.0.1:0" if serve_api else ""},
             }
+            for section, values in (extra(i) if extra else {}).items():
+                doc[section] = {**doc.get(section, {}), **values}
             self.devices.append(SimDevice(device_id, folder / "agent.toml", folder / "data"))
             self._write(folder / "agent.toml", _toml(doc))
 

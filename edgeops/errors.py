@@ -16,7 +16,8 @@ non-zero exit. A caller's misuse of an API (wrong argument type, calling out of 
     │   ├── CommandRejected       a fleet command that is malformed, unsigned, forged, expired or replayed
     │   ├── DeltaFormatError      a delta patch that is malformed, truncated or made for another base file
     │   ├── ReleaseRejected       OTA input refused (release metadata, chunk, repair request); has a reason code
-    │   └── RequestError          a malformed inference request (shape, dtype, size)
+    │   ├── RequestError          a malformed inference request (shape, dtype, size)
+    │   └── TelemetryRejected     a device's state, telemetry or event message the fleet ingest cannot store
     ├── KeyFileError              a signing/public key file is missing, unreadable or not Ed25519
     ├── ProfileError              unknown profile, malformed profile TOML, unknown pass or option
     ├── BuildError                the compiler could not produce a valid artifact
@@ -27,8 +28,9 @@ non-zero exit. A caller's misuse of an API (wrong argument type, calling out of 
     ├── OutputError               the output folder cannot be written
     ├── ConfigError               agent.toml is missing or invalid
     ├── HealthGateFailed          a new model failed its health gate on the device (load, golden, latency)
-    ├── StorageError              the device cannot persist something (disk full, read-only data dir)
-    └── TransportError            the broker cannot be reached (the agent keeps serving and spools)
+    ├── StorageError              something cannot be persisted (disk full, read-only dir, database unavailable)
+    ├── TransportError            the broker cannot be reached (the agent keeps serving and spools)
+    └── RolloutError              a deployment the fleet cannot start (unknown release, empty group, no match)
 
 ``edgeops.runtime.RuntimeUnavailable`` (an EdgeopsError) is raised when a model's runtime is missing or cannot
 load the model.
@@ -55,8 +57,10 @@ __all__ = [
     "ProfileMismatch",
     "ReleaseRejected",
     "RequestError",
+    "RolloutError",
     "SignatureError",
     "StorageError",
+    "TelemetryRejected",
     "TransportError",
     "UnsupportedOpError",
     "UntrustedInput",
@@ -167,6 +171,15 @@ class RequestError(UntrustedInput):
         self.status = status  # the HTTP status the local API answers with (400, 413, 415)
 
 
+class TelemetryRejected(UntrustedInput):
+    """A device message the fleet side refuses to store; ``reason`` is a short code for the ingest counters."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"telemetry rejected ({reason}){': ' + detail if detail else ''}")
+        self.reason = reason
+        self.detail = detail
+
+
 class ConfigError(EdgeopsError):
     """The agent configuration is missing or invalid (names the file and the key)."""
 
@@ -180,8 +193,14 @@ class HealthGateFailed(EdgeopsError):
 
 
 class StorageError(EdgeopsError):
-    """The device could not persist data (disk full, read-only or missing data directory)."""
+    """Data could not be persisted: disk full, a read-only or missing directory, or a database that is down or
+    locked (the fleet ingest backs off and retries)."""
 
 
 class TransportError(EdgeopsError):
     """The MQTT broker cannot be reached or refused the connection."""
+
+
+class RolloutError(EdgeopsError):
+    """A deployment or rollout operation the fleet refuses: unknown release, empty group, nothing to roll back,
+    an operation the rollout's state does not allow (resume a finished rollout...)."""

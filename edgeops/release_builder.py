@@ -68,6 +68,7 @@ __all__ = [
     "PublishedRelease",
     "build_release",
     "delta_file_name",
+    "load_release",
     "load_releases",
 ]
 
@@ -316,7 +317,8 @@ def _stored_signer(directory: Path) -> list[Ed25519PublicKey]:
         raise ReleaseRejected(OtaReason.MALFORMED.value, f"{directory / SUMMARY_NAME}: no readable signer") from exc
 
 
-def _load_one(directory: Path, trusted: Sequence[Ed25519PublicKey] | None) -> PublishedRelease:
+def load_release(directory: Path, trusted: Sequence[Ed25519PublicKey] | None) -> PublishedRelease:
+    """The release in one store directory; raises as :func:`load_releases`."""
     signed = (directory / SIGNED_NAME).read_bytes()
     keys = list(trusted) if trusted is not None else _stored_signer(directory)
     try:
@@ -346,4 +348,4 @@ def load_releases(store: Path, trusted: Sequence[Ed25519PublicKey] | None) -> li
     if not store.is_dir():
         return []
     dirs = sorted(d for d in store.iterdir() if (d / SIGNED_NAME).is_file())
-    return [_load_one(d, trusted) for d in dirs]
+    return [load_release(d, trusted) for d in dirs]

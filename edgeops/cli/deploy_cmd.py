@@ -1,10 +1,13 @@
-"""``edgeops deploy``: tell one device or a group to fetch and install a published release (``ota-update``).
+"""``edgeops deploy``: install a published release on one device now, or roll it out to a group.
 
-It first checks that the release is announced on the broker (its signed metadata retained on the release's
-manifest topic), so a typo in the release id fails here and not on every device. It then signs the
-``ota-update {"release_id"}`` command with the fleet command key and publishes it (QoS 1) on the device's or the
-group's cmd topic. With ``--device`` and ``--wait S`` it subscribes to the device's event topic *before* sending
-and waits for the outcome:
+With ``--group`` it records a rollout in the fleet store (canary, phases, failure threshold: see
+:mod:`edgeops.cli.rollout_cmd` and docs/fleet.md) that the running ``edgeops fleet serve`` carries out.
+
+With ``--device`` it talks to the broker directly. It first checks that the release is announced on the broker
+(its signed metadata retained on the release's manifest topic), so a typo in the release id fails here and not
+on the device. It then signs the ``ota-update {"release_id"}`` command with the fleet command key and publishes
+it (QoS 1) on the device's cmd topic. With ``--wait S`` it subscribes to the device's event topic *before*
+sending and waits for the outcome:
 
 * success: ``install.succeeded`` whose ``version`` is the release's version;
 * failure: ``ota.rejected`` / ``ota.failed`` for this release, ``install.rejected`` of this version, or
@@ -13,7 +16,7 @@ and waits for the outcome:
 The release's version is read from the announced metadata without checking its signature: it is used only to
 recognise the device's event; the device checks the signature itself before it fetches a byte. Exit status: 0
 sent (and, with ``--wait``, installed); 1 not announced, rejected, failed, no outcome in time, or the broker could
-not be reached; 2 a usage error. Group rollouts with canaries belong to the fleet service.
+not be reached; 2 a usage error.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeops.cli.command_cmd import CONNECT_TIMEOUT_S, BrokerLink, connect, print_outcome
+from edgeops.cli.rollout_cmd import deploy_group, rollout_options
 from edgeops.errors import TransportError
 from edgeops.protocol import (
     BrokerAddress,
@@ -56,23 +60,27 @@ COMMAND_FAILURES = ("command.rejected", "command.failed")
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "deploy",
-        help="tell a device or a group to install a published release",
-        description="Send the signed ota-update command for --release to a device or a group. With --device and "
-        "--wait, wait for the device to report the outcome.",
+        help="install a release on a device, or roll it out to a group",
+        description="--device: send the signed ota-update command for --release to one device now (with --wait, "
+        "wait for its outcome). --group: record a rollout (canary, phases, failure threshold) in the fleet store; "
+        "`edgeops fleet serve` carries it out.",
     )
     p.add_argument("--release", required=True, metavar="ID", help="release id (see `edgeops release list`)")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--device", help="one device id")
-    target.add_argument("--group", help="a device group (sent only; rollouts belong to the fleet service)")
-    p.add_argument("--fleet", required=True, help="fleet name")
-    p.add_argument("--key", type=Path, required=True, help="fleet command signing key (Ed25519 PEM)")
-    p.add_argument("--broker", required=True, help="mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
-    p.add_argument("--wait", type=float, metavar="S", help="with --device: wait S seconds for the install outcome")
+    target.add_argument("--group", help="a device group: a rollout run by the fleet service")
+    p.add_argument("--fleet", help="fleet name (with --device)")
+    p.add_argument("--key", type=Path, help="fleet command signing key, Ed25519 PEM (with --device)")
+    p.add_argument("--broker", help="mqtt://HOST[:PORT] or mqtts://HOST[:PORT] (with --device)")
+    p.add_argument("--wait", type=float, metavar="S|HEALTHY_MINUTES",
+                   help="with --device: wait S seconds for the install outcome; with --group: minutes each phase must "
+                   "stay healthy (no error-rate or drift alert) before the next (default 0)")
     p.add_argument("--ttl", type=float, default=300.0, help="seconds the command stays valid (default 300)")
     p.add_argument("--username", help="broker user name")
     p.add_argument("--password", help="broker password")
     p.add_argument("--ca", type=Path, help="CA certificate file for mqtts:// (default: the system's)")
     p.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    rollout_options(p)
     p.set_defaults(func=_deploy)
 
 
@@ -167,6 +175,17 @@ def _plan(args: argparse.Namespace) -> _Plan:
 
 
 def _deploy(args: argparse.Namespace) -> int:
+    if args.group is not None:
+        if args.broker or args.key:
+            print("edgeops: error: with --group the fleet service sends the commands (no --broker/--key); see "
+                  "--canary, --phases, --max-failures, --min-devices, --wait", file=sys.stderr)
+            return 2
+        return deploy_group(args)
+    missing = [opt for opt, value in (("--fleet", args.fleet), ("--key", args.key), ("--broker", args.broker))
+               if not value]
+    if missing:
+        print(f"edgeops: error: --device needs {', '.join(missing)}", file=sys.stderr)
+        return 2
     try:
         broker = parse_broker_url(args.broker)
         plan = _plan(args)

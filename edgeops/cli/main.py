@@ -14,7 +14,18 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    from edgeops.cli import artifact_cmds, build_cmd, command_cmd, delta_cmd, deploy_cmd, profiles_cmd, release_cmd
+    from edgeops.cli import (
+        artifact_cmds,
+        build_cmd,
+        command_cmd,
+        delta_cmd,
+        deploy_cmd,
+        fleet_cmd,
+        inventory_cmd,
+        profiles_cmd,
+        release_cmd,
+        rollout_cmd,
+    )
 
     parser = argparse.ArgumentParser(prog="edgeops", description="Build, sign and ship ML models to edge fleets.")
     parser.add_argument("--version", action="version", version=f"edgeops {__version__}")
@@ -26,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     delta_cmd.add_parser(sub)
     release_cmd.add_parser(sub)
     deploy_cmd.add_parser(sub)
+    rollout_cmd.add_parsers(sub)
+    inventory_cmd.add_parsers(sub)
+    fleet_cmd.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,1170 @@
+"""Fleet benchmark: N real agents at 1 Hz through mosquitto into the fleet service's SQLite store, the ingest's
+throughput per core against a naive peer, and one delta rollout to the whole fleet.
+
+The goals (/work/shared/DESIGN.md "Performance goals"): 1,000 real agent instances on one 2-core machine,
+telemetry at 1 Hz, zero loss; ingest ≥ 5k msg/s per core into SQLite; a rollout publishes each chunk once per
+release. Everything is real and local: a private mosquitto 2 (default configuration but ``max_queued_messages``)
+on a free 127.0.0.1 port, the fleet service (``edgeops.fleet.service.FleetService``: controller, 2 ingest workers,
+release server; no dashboard) in its own process so that its CPU and memory are measured apart, the agents as
+``device_agent.sim.FleetSim`` in child processes of at most ``--per-process`` agents each (every agent a real
+``Agent``: its own slot store, loaded model, SQLite spool and MQTT session), artifacts from the real
+``edgeops build`` (digits, x86-gateway: ONNX int8; v2 a fine-tune of it, shipped as a delta).
+
+Parts:
+
+- **ingest** (once per run): the service's ingest drains a backlog against a naive peer, same broker, same
+  messages. ``--ingest-messages`` agent-shaped telemetry messages from ``--ingest-devices`` registered devices are
+  published (QoS 1) while both consumers are offline with persistent sessions, so the broker queues every message
+  for the service's share group and for the peer; then the service alone drains its copy, then the peer alone
+  drains its own. Per core = rows stored ÷ the consumer's CPU seconds (user + system, all threads) from the last
+  status before its first message to the first status with every row stored. The peer is what one writes first:
+  one paho subscriber doing ``json.loads`` + one ``INSERT`` + ``COMMIT`` per message into SQLite (WAL,
+  ``synchronous=NORMAL``: the store's own pragmas), acknowledging after the commit as the service does.
+- **fleet** (per size in ``--sizes``): a fresh broker, store and service; N agents on v1 (telemetry every
+  ``--interval`` s) connect; for ``--duration`` s the CPU and memory of the service, the agents and the broker are
+  sampled from /proc and the telemetry stored is counted; then v2 is approved and deployed to the group with
+  ``edgeops.fleet.deployments.deploy`` (one phase, every device) and the rollout is followed in the store until
+  every execution is terminal. Figures: chunks published by the service's release server vs the delta's chunk
+  count, time to converge. Then the agents stop (each flushes its spool), the ingest drains, the service stops and
+  **loss** is counted exactly: every agent's spool numbers its messages 1, 2, 3 ... (telemetry and events share the
+  sequence; ``sqlite_sequence`` of its spool is the last one given), the store keys rows by (device, seq), so
+  sent = Σ last seq, stored = telemetry + event rows, lost = numbers missing from the store and not still in a
+  spool.
+
+Writes benchmarks/results/fleet.json (``--out``), prints a table and the goals met/missed; progress on stderr.
+Exit status 1 when a part could not be measured (a missed goal is a result, not a failure).
+Run: ``.venv/bin/python benchmarks/fleet_bench.py`` (sizes 100, 500, 1000; ``--quick``: 50 agents, 20 s, 20k
+messages).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from edgeops.fleet.deployments import deploy  # noqa: E402
+from edgeops.fleet.model import Approval, DeviceRecord, ExecStatus, RolloutSpec  # noqa: E402
+from edgeops.fleet.store import open_store  # noqa: E402
+from edgeops.release import PayloadKind  # noqa: E402
+from edgeops.release_builder import PublishedRelease, build_release  # noqa: E402
+from edgeops.signing import generate_keypair, load_private_key  # noqa: E402
+from tests.support.artifacts import build_digits  # noqa: E402
+from tests.support.mosquitto import MosquittoBroker  # noqa: E402
+
+FLEET = "bench"
+PROFILE = "x86-gateway"  # ONNX int8 built from digits.onnx: the quickest build, runs in onnxruntime
+GROUP = "fleet"
+CACHE = REPO / "benchmarks" / ".cache" / "fleet"
+DIGITS = REPO / "examples" / "digits" / "out"
+DIGITS_FILES = ("digits.keras", "digits.onnx", "calib.npz", "eval.npz", "eval_nchw.npz", "train.npz")
+GOALS = {"ingest_per_core": 5000.0, "fleet_size": 1000, "interval_s": 1.0}
+BROKER_QUEUE = 2_000_000  # mosquitto max_queued_messages per session (default 1000: the backlog would be dropped)
+STATUS_S = 0.25  # the service child and the naive peer write their status this often
+SAMPLE_S = 1.0  # /proc sampling period of the fleet part
+SETTLE_S = 5.0  # after every agent is online, before the measured window
+_T0 = time.monotonic()
+
+# The fleet service in a child process (argv: a JSON config file). Writes its status (counters of the ingest
+# workers, controller and release server, and its own CPU seconds) to cfg["status"] every STATUS_S, and a final
+# one after stopping on SIGTERM (the ingest workers flush and acknowledge what they hold).
+SERVICE_RUNNER = r"""
+import json, logging, os, signal, sys, threading, time
+from pathlib import Path
+from edgeops.fleet.service import FleetService, ServiceConfig
+from edgeops.signing import load_private_key
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+cfg = json.loads(Path(sys.argv[1]).read_text())
+status = Path(cfg["status"])
+svc = FleetService(ServiceConfig(
+    fleet=cfg["fleet"], broker_url=cfg["broker"], db=cfg["db"], release_dir=Path(cfg["releases"]),
+    command_key=load_private_key(Path(cfg["key"])), http="", ingest_workers=cfg["workers"],
+    rate_per_s=cfg["rate"], burst=cfg["burst"], housekeeping_s=1.0))
+stop = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: stop.set())
+svc.start()
+workers, releases, controller = list(svc.workers), svc.releases, svc.controller
+def write(final):
+    t = os.times()
+    doc = {"t": time.time(), "cpu_s": t.user + t.system, "final": final,
+           "workers": [w.stats() for w in workers], "controller": controller.stats() if controller else None,
+           "releases": releases.stats() if releases else None}
+    tmp = status.with_name(status.name + ".tmp")
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, status)
+while not stop.wait(cfg["status_s"]):
+    write(False)
+svc.stop()
+write(True)
+"""
+
+# FleetSim in a child process (argv: a JSON config). Writes cfg["ready"] once every agent has started; SIGTERM
+# stops the agents (each flushes its spool to the broker, publishes its offline state and disconnects).
+SIM_RUNNER = r"""
+import json, logging, os, signal, sys, threading, time
+from pathlib import Path
+from device_agent.sim import FleetSim
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+cfg = json.loads(sys.argv[1])
+sim = FleetSim(Path(cfg["root"]), n=cfg["n"], fleet=cfg["fleet"], profile=cfg["profile"], broker_url=cfg["broker"],
+               trusted_keys=[Path(cfg["release_pub"])], command_keys=[Path(cfg["command_pub"])],
+               groups=lambda i: [cfg["group"]], initial_artifact=Path(cfg["artifact"]),
+               telemetry_interval_s=cfg["interval"], id_prefix=cfg["prefix"], threads=1,
+               extra=lambda i: {"health": {"latency_budget_factor": cfg["latency_factor"]}})
+stop = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: stop.set())
+t0 = time.monotonic()
+sim.start()
+ready = Path(cfg["ready"])
+ready.write_text(json.dumps({"agents": len(sim.agents), "start_s": time.monotonic() - t0}))
+stop.wait()
+t1 = time.monotonic()
+sim.stop()
+print(json.dumps({"stop_s": time.monotonic() - t1}), flush=True)
+"""
+
+# The naive peer (argv: host, port, topic, db, status file, expected count, client id, mode). mode "subscribe":
+# create the persistent session and its subscription, then leave. mode "drain": take what the session holds, one
+# INSERT + COMMIT per message, until ``expected`` rows are stored.
+NAIVE_RUNNER = r"""
+import json, os, sqlite3, sys, threading, time
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+host, port, topic, db, status, expected, client_id, mode = sys.argv[1:9]
+port, expected = int(port), int(expected)
+conn = sqlite3.connect(db, check_same_thread=False)
+conn.execute("PRAGMA journal_mode=WAL")
+conn.execute("PRAGMA synchronous=NORMAL")
+conn.execute("CREATE TABLE IF NOT EXISTS telemetry (device_id TEXT NOT NULL, seq INTEGER NOT NULL, ts REAL NOT NULL,"
+             " received_at REAL NOT NULL, raw TEXT NOT NULL, PRIMARY KEY (device_id, seq))")
+conn.commit()
+got = {"received": 0, "stored": 0}
+done, subscribed = threading.Event(), threading.Event()
+def on_connect(client, userdata, flags, rc, props):
+    client.subscribe(topic, qos=1)
+def on_subscribe(client, userdata, mid, rcs, props):
+    subscribed.set()
+def on_message(client, userdata, msg):
+    got["received"] += 1
+    doc = json.loads(msg.payload)
+    cur = conn.execute("INSERT OR IGNORE INTO telemetry VALUES (?, ?, ?, ?, ?)",
+                       (doc["device"], doc["seq"], doc["ts"], time.time(), msg.payload.decode()))
+    conn.commit()
+    got["stored"] += cur.rowcount
+    if got["stored"] >= expected:
+        done.set()
+def write(final=False):
+    t = os.times()
+    doc = {"t": time.time(), "cpu_s": t.user + t.system, "final": final, **got}
+    with open(status + ".tmp", "w") as f:
+        f.write(json.dumps(doc))
+    os.replace(status + ".tmp", status)
+props = Properties(PacketTypes.CONNECT)
+props.SessionExpiryInterval = 3600
+props.ReceiveMaximum = 2000
+client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
+write()
+client.connect(host, port, clean_start=False, properties=props)
+client.loop_start()
+if mode == "subscribe":
+    subscribed.wait(30)
+else:
+    while not done.wait(float(os.environ.get("NAIVE_STATUS_S", "0.25"))):
+        write()
+write(True)
+client.disconnect()
+client.loop_stop()
+"""
+
+
+class BenchError(RuntimeError):
+    """A part could not be measured (a process died, a step timed out); the message says which."""
+
+
+def say(msg: str) -> None:
+    print(f"[fleet_bench {time.monotonic() - _T0:7.1f} s] {msg}", file=sys.stderr, flush=True)
+
+
+def pct(values: Sequence[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return float(ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))])
+
+
+# ---------------------------------------------------------------- /proc
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of ``pid`` (all its threads), None once it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14 and 15 of stat)
+
+
+def proc_mem_mb(pid: int) -> dict[str, float] | None:
+    """VmRSS, VmHWM (peak RSS) and Pss (shared pages divided among their users) of ``pid`` in MB."""
+    out: dict[str, float] = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0]) / 1024
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                out["Pss"] = int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return out
+
+
+def mem_available_mb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+@dataclass
+class Sample:
+    t: float
+    cpu_s: dict[str, float]  # group -> CPU seconds summed over its processes
+    rss_mb: dict[str, float]
+    pss_mb: dict[str, float]
+    mem_available_mb: float
+
+
+class Sampler:
+    """Samples CPU seconds and memory of named groups of processes every ``period`` s, in a thread."""
+
+    def __init__(self, period: float = SAMPLE_S) -> None:
+        self.groups: dict[str, list[int]] = {}
+        self.samples: list[Sample] = []
+        self._period = period
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
+
+    def set_group(self, name: str, pids: Iterable[int]) -> None:
+        with self._lock:
+            self.groups[name] = list(pids)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def sample(self) -> Sample:
+        with self._lock:
+            groups = {k: list(v) for k, v in self.groups.items()}
+        cpu: dict[str, float] = {}
+        rss: dict[str, float] = {}
+        pss: dict[str, float] = {}
+        for name, pids in groups.items():
+            cpu[name] = sum(c for pid in pids if (c := proc_cpu_s(pid)) is not None)
+            mems = [m for pid in pids if (m := proc_mem_mb(pid)) is not None]
+            rss[name] = sum(m.get("VmRSS", 0.0) for m in mems)
+            pss[name] = sum(m.get("Pss", 0.0) for m in mems)
+        s = Sample(time.time(), cpu, rss, pss, mem_available_mb())
+        with self._lock:
+            self.samples.append(s)
+        return s
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._period):
+            self.sample()
+
+    def window(self, t0: float, t1: float) -> dict[str, Any]:
+        """CPU % (of one core) and peak memory per group between the samples nearest t0 and t1."""
+        with self._lock:
+            inside = [s for s in self.samples if t0 - self._period <= s.t <= t1 + self._period]
+        if len(inside) < 2:
+            return {}
+        a, b = inside[0], inside[-1]
+        out: dict[str, Any] = {"seconds": round(b.t - a.t, 1)}
+        for name in b.cpu_s:
+            out[name] = {
+                "cpu_percent": round(100 * (b.cpu_s[name] - a.cpu_s.get(name, 0.0)) / (b.t - a.t), 1),
+                "rss_mb_peak": round(max(s.rss_mb.get(name, 0.0) for s in inside), 1),
+                "pss_mb_peak": round(max(s.pss_mb.get(name, 0.0) for s in inside), 1),
+            }
+        out["machine_mem_used_mb_peak"] = round(
+            self.total_mb - min(s.mem_available_mb for s in inside), 1
+        )
+        return out
+
+    @property
+    def total_mb(self) -> float:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+
+# ---------------------------------------------------------------- artifacts
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    release_key: Path  # signs artifacts and releases
+    release_pub: Path
+    command_key: Path  # the fleet service signs commands with it
+    command_pub: Path
+    v1: Path  # digits 1.0.0: what every agent starts on
+    v2: Path  # the fine-tuned digits 2.0.0: the rollout's target, shipped as a delta from v1
+
+
+def _run_quiet(cmd: list[str], what: str) -> None:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, check=False)
+    if done.returncode != 0:
+        raise BenchError(f"{what} failed: {(done.stderr or done.stdout).strip()[-1500:]}")
+
+
+def build_artifacts(cache: Path) -> Artifacts:
+    """Keys, v1 and v2, built once into ``cache`` (git-ignored) and reused while all the files are there."""
+    arts = Artifacts(
+        cache / "keys/release/signing.key", cache / "keys/release/signing.pub",
+        cache / "keys/fleet/signing.key", cache / "keys/fleet/signing.pub",
+        cache / f"v1/digits-1.0.0-{PROFILE}.edgeops", cache / f"v2/digits-2.0.0-{PROFILE}.edgeops",
+    )
+    if all(p.is_file() for p in (arts.release_key, arts.release_pub, arts.command_key, arts.command_pub, arts.v1,
+                                 arts.v2)):
+        say(f"artifacts from the cache {cache}")
+        return arts
+    shutil.rmtree(cache, ignore_errors=True)
+    for d in (arts.release_key.parent, arts.command_key.parent):
+        d.mkdir(parents=True, exist_ok=True)
+        generate_keypair(d)
+    base = DIGITS
+    if not all((DIGITS / f).is_file() for f in DIGITS_FILES):
+        base = cache / "digits"
+        say(f"training the digits CNN into {base} (examples/digits/train.py)")
+        _run_quiet([sys.executable, str(REPO / "examples/digits/train.py"), "--out", str(base)], "training")
+    say("building digits v1 (edgeops build)")
+    build_digits(base, cache / "v1", arts.release_key, "1.0.0", profiles=(PROFILE,))
+    say("fine-tuning digits for v2 (examples/digits/fine_tune.py) and building it")
+    tuned = cache / "tuned"
+    _run_quiet([sys.executable, str(REPO / "examples/digits/fine_tune.py"), "--base", str(base), "--out", str(tuned)],
+               "fine-tune")
+    build_digits(tuned, cache / "v2", arts.release_key, "2.0.0", profiles=(PROFILE,))
+    return arts
+
+
+# ---------------------------------------------------------------- processes
+
+
+def start_broker(workdir: Path) -> MosquittoBroker:
+    broker = MosquittoBroker(workdir, extra_config=f"max_queued_messages {BROKER_QUEUE}\n")
+    broker.start()
+    return broker
+
+
+def broker_pid(broker: MosquittoBroker) -> int:
+    proc = broker._proc  # the test helper keeps its Popen private; the benchmark needs the pid for /proc
+    if proc is None:
+        raise BenchError("mosquitto is not running")
+    return int(proc.pid)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            say(f"pid {proc.pid} did not stop within {timeout:g} s: SIGKILL")
+            proc.kill()
+            proc.wait()
+    return int(proc.returncode)
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+class ServiceProc:
+    """The fleet service in a child process (SERVICE_RUNNER) with its status file."""
+
+    def __init__(self, workdir: Path, *, broker: str, db: Path, releases: Path, key: Path, workers: int,
+                 rate: float, burst: float) -> None:
+        self.workdir = workdir
+        self.status_path = workdir / "service.status.json"
+        self.log = workdir / "service.log"
+        self.config = {"fleet": FLEET, "broker": broker, "db": str(db), "releases": str(releases), "key": str(key),
+                       "workers": workers, "rate": rate, "burst": burst, "status": str(self.status_path),
+                       "status_s": STATUS_S}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise BenchError("the service is not running")
+        return int(self.proc.pid)
+
+    def start(self, timeout: float = 60.0) -> None:
+        self.status_path.unlink(missing_ok=True)
+        cfg = self.workdir / "service.json"
+        cfg.write_text(json.dumps(self.config))
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen([sys.executable, "-c", SERVICE_RUNNER, str(cfg)], stdout=out,
+                                         stderr=subprocess.STDOUT, cwd=REPO)
+        self.wait("ingest workers subscribed", lambda s: bool(s["workers"]) and all(w["connected"]
+                                                                                  for w in s["workers"]), timeout)
+
+    def status(self) -> dict[str, Any]:
+        doc = read_json(self.status_path)
+        if doc is None:
+            raise BenchError(f"no service status yet ({log_tail(self.log)})")
+        return doc
+
+    def wait(self, what: str, check: Callable[[dict[str, Any]], bool], timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise BenchError(f"the service exited ({self.proc.returncode}) waiting for {what}: "
+                                 f"{log_tail(self.log)}")
+            doc = read_json(self.status_path)
+            if doc is not None and check(doc):
+                return doc
+            if time.monotonic() > deadline:
+                raise BenchError(f"the service: no {what} within {timeout:g} s")
+            time.sleep(0.05)
+
+    def stop(self) -> dict[str, Any]:
+        """SIGTERM (the workers flush), wait, return the final status."""
+        if self.proc is None:
+            raise BenchError("the service was not started")
+        code = stop_process(self.proc, 120.0)
+        doc = read_json(self.status_path)
+        if code != 0 or doc is None or not doc.get("final"):
+            raise BenchError(f"the service did not stop cleanly ({code}): {log_tail(self.log)}")
+        return doc
+
+
+def ingest_totals(status: dict[str, Any]) -> dict[str, int]:
+    """The ingest workers' counters summed (received, stored, duplicates, rate_limited, rejected, pending...)."""
+    total: Counter[str] = Counter()
+    for w in status["workers"]:
+        for key, value in w.items():
+            if key == "rejected" and isinstance(value, dict):
+                total["rejected"] += sum(value.values())
+            elif isinstance(value, int) and not isinstance(value, bool):
+                total[key] += value
+    return dict(total)
+
+
+# ---------------------------------------------------------------- part 1: ingest against a naive peer
+
+
+def telemetry_payload(device: str, seq: int, ts: float) -> bytes:
+    """A telemetry message shaped as an agent's (device_agent.telemetry_loop.TelemetryLoop.tick with the spool's
+    seq; ~520 bytes like theirs), of a device serving 12 requests a second with its drift measured."""
+    doc = {
+        "device": device, "seq": seq, "ts": ts, "model_version": "1.0.0", "interval_s": 1.0,
+        "latency_ms": {"count": 12, "max": 0.18, "p50": 0.071, "p95": 0.093, "p99": 0.12},
+        "requests": 12, "errors": 0, "fallback_answers": 0,
+        "resources": {"cpu_percent": 3.2, "load1": 0.41, "rss_mb": 81.4, "temperature_c": None},
+        "drift": {"inputs": {"image": {"level": "ok", "psi": 0.031, "samples": 768}}, "level": "ok",
+                  "outputs": {"probs": {"level": "ok", "psi": 0.012, "samples": 120}}},
+        "health": "ok", "spool": {"dropped": 0, "pending": 0},
+    }
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def preload(broker: MosquittoBroker, devices: Sequence[str], messages: int) -> dict[str, Any]:
+    """Publish ``messages`` telemetry messages at QoS 1 round-robin over ``devices`` (seq 1, 2 ... per device);
+    returns once the broker acknowledged every one."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="fleet-bench-preload", protocol=mqtt.MQTTv5)
+    client.max_inflight_messages_set(1000)
+    client.max_queued_messages_set(0)
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    t0 = time.monotonic()
+    infos = []
+    try:
+        now = time.time()
+        for i in range(messages):
+            device = devices[i % len(devices)]
+            seq = i // len(devices) + 1
+            topic = f"edgeops/v1/{FLEET}/device/{device}/telemetry"
+            infos.append(client.publish(topic, telemetry_payload(device, seq, now), qos=1))
+        for info in infos:
+            info.wait_for_publish(timeout=120)
+            if not info.is_published():
+                raise BenchError("the broker did not acknowledge a preloaded message within 120 s")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    seconds = time.monotonic() - t0
+    return {"messages": messages, "devices": len(devices), "seconds": round(seconds, 2),
+            "bytes_per_message": len(telemetry_payload(devices[0], 1, time.time()))}
+
+
+def drain_figures(samples: list[dict[str, Any]], expected: int, key: str) -> dict[str, Any]:
+    """From status samples (t, cpu_s, ``key`` = rows stored): the last sample before anything was received and
+    the first with every row stored → rows/s, CPU s, rows per CPU second."""
+    before = [s for s in samples if s["received"] == 0]
+    after = [s for s in samples if s[key] >= expected]
+    if not before or not after:
+        raise BenchError(f"drain not bracketed by status samples ({len(samples)} samples)")
+    a, b = before[-1], after[0]
+    wall, cpu = b["t"] - a["t"], b["cpu_s"] - a["cpu_s"]
+    rows = b[key] - a[key]
+    return {"rows": rows, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "rows_per_s": round(rows / wall),
+            "cores_used": round(cpu / wall, 2), "rows_per_cpu_s": round(rows / cpu),
+            "broker_cpu_s": round(b["broker_cpu_s"] - a["broker_cpu_s"], 2)}
+
+
+def drain_service(service: ServiceProc, broker: MosquittoBroker, expected: int, timeout: float) -> dict[str, Any]:
+    samples: list[dict[str, Any]] = []
+    peak_rss = 0.0
+    service.start()
+    deadline = time.monotonic() + timeout
+    last_t = 0.0
+    while True:
+        doc = service.status()
+        if doc["t"] != last_t:
+            last_t = doc["t"]
+            totals = ingest_totals(doc)
+            samples.append({"t": doc["t"], "cpu_s": doc["cpu_s"], "received": totals.get("received", 0),
+                            "stored": totals.get("stored", 0), "broker_cpu_s": proc_cpu_s(broker_pid(broker)) or 0.0})
+            mem = proc_mem_mb(service.pid)
+            peak_rss = max(peak_rss, mem.get("VmRSS", 0.0) if mem else 0.0)
+            if totals.get("stored", 0) >= expected:
+                break
+        if time.monotonic() > deadline:
+            raise BenchError(f"the service stored {samples[-1]['stored'] if samples else 0} of {expected} in "
+                             f"{timeout:g} s")
+        time.sleep(0.02)
+    final = service.stop()
+    figures = drain_figures(samples, expected, "stored")
+    figures["counters"] = ingest_totals(final)
+    figures["rss_mb_peak"] = round(peak_rss, 1)
+    return figures
+
+
+def run_naive(broker: MosquittoBroker, work: Path, mode: str, expected: int, timeout: float) -> dict[str, Any]:
+    """The naive peer child: ``subscribe`` (make its session) or ``drain`` (take ``expected`` rows)."""
+    status = work / "naive.status.json"
+    status.unlink(missing_ok=True)
+    topic = f"edgeops/v1/{FLEET}/device/+/telemetry"
+    args = [sys.executable, "-c", NAIVE_RUNNER, broker.host, str(broker.port), topic, str(work / "naive.db"),
+            str(status), str(expected), "fleet-bench-naive", mode]
+    log = work / "naive.log"
+    samples: list[dict[str, Any]] = []
+    peak_rss = 0.0
+    with log.open("ab") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+    deadline = time.monotonic() + timeout
+    last_t = 0.0
+    while proc.poll() is None:
+        doc = read_json(status)
+        if doc is not None and doc["t"] != last_t:
+            last_t = doc["t"]
+            samples.append({**doc, "broker_cpu_s": proc_cpu_s(broker_pid(broker)) or 0.0})
+            mem = proc_mem_mb(proc.pid)
+            peak_rss = max(peak_rss, mem.get("VmRSS", 0.0) if mem else 0.0)
+        if time.monotonic() > deadline:
+            stop_process(proc, 10)
+            raise BenchError(f"the naive peer did not finish {mode} in {timeout:g} s: {log_tail(log)}")
+        time.sleep(0.02)
+    doc = read_json(status)
+    if proc.returncode != 0 or doc is None:
+        raise BenchError(f"the naive peer failed ({proc.returncode}): {log_tail(log)}")
+    samples.append({**doc, "broker_cpu_s": proc_cpu_s(broker_pid(broker)) or 0.0})
+    if mode != "drain":
+        return {}
+    figures = drain_figures(samples, expected, "stored")
+    figures["rss_mb_peak"] = round(peak_rss, 1)
+    return figures
+
+
+def part_ingest(ctx: Ctx) -> dict[str, Any]:
+    """The service's ingest and the naive peer each drain the same ``messages`` queued at the broker."""
+    work = ctx.work / "ingest"
+    work.mkdir(parents=True, exist_ok=True)
+    n_msg, n_dev = ctx.args.ingest_messages, ctx.args.ingest_devices
+    devices = [f"ing-{i:05d}" for i in range(n_dev)]
+    broker = start_broker(work / "mosquitto")
+    try:
+        db = work / "fleet.db"
+        store = open_store(str(db))
+        try:  # registered devices, so that the alert rules find each one's profile as in a live fleet
+            now = time.time()
+            for d in devices:
+                store.put_device(DeviceRecord(device_id=d, online=True, last_seen=now, profile=PROFILE,
+                                              groups=(GROUP,), active_version="1.0.0"))
+        finally:
+            store.close()
+        # a backlog drains at thousands of messages per second from each device: the per-device rate limit
+        # (5/s, burst 20 by default) would drop most of it, so it is raised here (it is still applied)
+        rate = 1e6
+        service = ServiceProc(work, broker=broker.url, db=db, releases=work / "releases", key=ctx.arts.command_key,
+                              workers=ctx.args.workers, rate=rate, burst=rate)
+        say("ingest: creating the service's and the peer's persistent sessions")
+        service.start()
+        service.stop()
+        run_naive(broker, work, "subscribe", n_msg, 60)
+        say(f"ingest: preloading {n_msg} telemetry messages from {n_dev} devices")
+        pre = preload(broker, devices, n_msg)
+        say(f"ingest: preloaded in {pre['seconds']} s; the service drains its copy")
+        edge = drain_service(service, broker, n_msg, ctx.args.ingest_timeout)
+        say(f"ingest: service {edge['rows_per_s']} rows/s, {edge['rows_per_cpu_s']} rows per CPU s; "
+            "the naive peer drains its copy")
+        naive = run_naive(broker, work, "drain", n_msg, ctx.args.ingest_timeout)
+        say(f"ingest: naive {naive['rows_per_s']} rows/s, {naive['rows_per_cpu_s']} rows per CPU s")
+        stored = open_store(str(db))
+        try:
+            rows = stored.telemetry_count()
+        finally:
+            stored.close()
+    finally:
+        broker.stop()
+    return {
+        "measured": "a backlog queued at the broker for each consumer, drained by one at a time",
+        "preload": pre,
+        "workers": ctx.args.workers,
+        "service": edge,
+        "service_rows_in_store": rows,
+        "naive": naive,
+        "ratio_per_core": round(edge["rows_per_cpu_s"] / naive["rows_per_cpu_s"], 2),
+        "ratio_wall": round(edge["rows_per_s"] / naive["rows_per_s"], 2),
+        "rate_limit_used": {"rate_per_s": rate, "burst": rate},
+    }
+
+
+# ---------------------------------------------------------------- part 2: the fleet
+
+
+@dataclass
+class Ctx:
+    args: argparse.Namespace
+    work: Path
+    arts: Artifacts
+    release: PublishedRelease | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def start_sims(ctx: Ctx, n: int, broker_url: str, root: Path) -> list[tuple[subprocess.Popen[bytes], Path, Path]]:
+    """K FleetSim children of at most ``--per-process`` agents each; (process, ready file, log) each."""
+    per = ctx.args.per_process
+    out = []
+    for k, first in enumerate(range(0, n, per)):
+        count = min(per, n - first)
+        prefix = f"a{k}"
+        sim_root = root / prefix
+        cfg = {"root": str(sim_root), "n": count, "fleet": FLEET, "profile": PROFILE, "broker": broker_url,
+               "release_pub": str(ctx.arts.release_pub), "command_pub": str(ctx.arts.command_pub), "group": GROUP,
+               "artifact": str(ctx.arts.v1), "interval": ctx.args.interval, "prefix": prefix,
+               "latency_factor": ctx.args.latency_budget_factor, "ready": str(root / f"{prefix}.ready.json")}
+        log = root / f"{prefix}.log"
+        root.mkdir(parents=True, exist_ok=True)
+        with log.open("ab") as err:
+            proc = subprocess.Popen([sys.executable, "-c", SIM_RUNNER, json.dumps(cfg)], stdout=err, stderr=err,
+                                    cwd=REPO)
+        out.append((proc, root / f"{prefix}.ready.json", log))
+    return out
+
+
+def wait_sims_ready(sims: Sequence[tuple[subprocess.Popen[bytes], Path, Path]], timeout: float) -> list[float]:
+    deadline = time.monotonic() + timeout
+    while True:
+        for proc, _, log in sims:
+            if proc.poll() is not None:
+                raise BenchError(f"a FleetSim process exited ({proc.returncode}): {log_tail(log)}")
+        docs = [read_json(ready) for _, ready, _ in sims]
+        if all(docs):
+            return [float(d["start_s"]) for d in docs if d]
+        if time.monotonic() > deadline:
+            raise BenchError(f"{sum(1 for d in docs if d)} of {len(sims)} FleetSim processes started in {timeout:g} s")
+        time.sleep(0.5)
+
+
+def online_count(db: Path) -> int:
+    store = open_store(str(db))
+    try:
+        return len(store.list_devices(online=True))
+    finally:
+        store.close()
+
+
+def wait_online(db: Path, n: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while (got := online_count(db)) < n:
+        if time.monotonic() > deadline:
+            raise BenchError(f"{got} of {n} devices online in the store after {timeout:g} s")
+        time.sleep(1.0)
+
+
+def follow_rollout(db: Path, rollout_id: str, n: int, timeout: float) -> dict[str, Any]:
+    """Poll the store until every execution of the rollout is terminal; the outcome and when it came."""
+    store = open_store(str(db))
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            execs = store.list_executions(rollout_id)
+            if len(execs) == n and all(e.status.terminal for e in execs):
+                break
+            if time.monotonic() > deadline:
+                c = Counter(str(e.status) for e in execs)
+                raise BenchError(f"rollout not terminal within {timeout:g} s: {dict(c)}")
+            time.sleep(0.5)
+        rollout = store.get_rollout(rollout_id)
+        events = store.events_since(since=0.0, types=["install.succeeded", "ota.completed"])
+    finally:
+        store.close()
+    statuses = Counter(str(e.status) for e in execs)
+    reasons = Counter(e.reason[:120] for e in execs if e.status is not ExecStatus.SUCCEEDED)
+    return {"statuses": dict(statuses), "reasons": dict(reasons),
+            "rollout_status": str(rollout.status) if rollout else None,
+            "last_execution_update": max(e.updated_at for e in execs),
+            "last_sent": max((e.sent_at for e in execs if e.sent_at is not None), default=None),
+            "first_sent": min((e.sent_at for e in execs if e.sent_at is not None), default=None),
+            "device_done_ts": [e.ts for e in events if e.type == "install.succeeded"]}
+
+
+def rollout(ctx: Ctx, db: Path, service: ServiceProc, n: int) -> dict[str, Any]:
+    rel = ctx.release
+    if rel is None:
+        raise BenchError("no release was built")
+    delta = next(p for p in rel.meta.payloads if p.kind is PayloadKind.DELTA)
+    store = open_store(str(db))
+    try:
+        deadline = time.monotonic() + 30
+        while store.get_release(rel.meta.release_id) is None:
+            if time.monotonic() > deadline:
+                raise BenchError(f"the service did not register {rel.meta.release_id}")
+            time.sleep(0.2)
+        store.set_approval(rel.meta.release_id, Approval.APPROVED, by="fleet_bench", at=time.time())
+        spec = RolloutSpec(phases=(1.0,), max_failures=1.0, timeout_s=ctx.args.rollout_timeout)
+        t_deploy = time.time()
+        dep = deploy(store, release_id=rel.meta.release_id, group=GROUP, spec=spec, now=t_deploy)
+    finally:
+        store.close()
+    say(f"fleet {n}: deployed {rel.meta.release_id} to {dep.devices} devices ({len(dep.skipped)} skipped)")
+    done = follow_rollout(db, dep.rollout.rollout_id, n, ctx.args.rollout_timeout + 60)
+    status = service.status()
+    per = status["releases"]["per_payload"]
+    d = per.get(delta.id, {})
+    full = [p for pid, p in per.items() if pid != delta.id]
+    dev_done = [t for t in done.pop("device_done_ts") if t >= t_deploy]
+    return {
+        "release": rel.meta.release_id,
+        "devices": dep.devices,
+        "delta_bytes": delta.size,
+        "chunk_size": rel.meta.chunk_size,
+        "chunks": delta.chunk_count,
+        "chunks_published": d.get("published", 0),
+        "first_sends": d.get("first_sends", 0),
+        "resends": d.get("resends", 0),
+        "repair_requests": d.get("requests", 0),
+        "full_payload_chunks_published": sum(p.get("published", 0) for p in full),
+        "published_per_chunk": round(d.get("published", 0) / delta.chunk_count, 3),
+        "commands_sent_s": [round(done["first_sent"] - t_deploy, 2) if done["first_sent"] else None,
+                            round(done["last_sent"] - t_deploy, 2) if done["last_sent"] else None],
+        "converge_s": round(done["last_execution_update"] - t_deploy, 2),
+        "devices_installed_s": round(max(dev_done) - t_deploy, 2) if dev_done else None,
+        **{k: v for k, v in done.items() if k in ("statuses", "reasons", "rollout_status")},
+        "controller": status.get("controller"),
+    }
+
+
+def spool_numbers(path: Path) -> tuple[int, set[int], int]:
+    """(last seq given, seqs still spooled, messages the spool dropped) of one agent's spool file."""
+    conn = sqlite3.connect(str(path))
+    try:
+        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+        pending = {int(r[0]) for r in conn.execute("SELECT seq FROM messages")}
+        dropped = conn.execute("SELECT value FROM meta WHERE key = 'dropped_total'").fetchone()
+    finally:
+        conn.close()
+    return (int(row[0]) if row else 0), pending, (int(dropped[0]) if dropped else 0)
+
+
+def count_loss(db: Path, root: Path) -> dict[str, Any]:
+    """Sent (each agent's last spool seq) against stored ((device, seq) in telemetry + events), per device."""
+    conn = sqlite3.connect(str(db))
+    try:
+        stored: dict[str, set[int]] = {}
+        telemetry = events = 0
+        for table in ("telemetry", "events"):
+            for device, seq in conn.execute(f"SELECT device_id, seq FROM {table}"):
+                stored.setdefault(device, set()).add(int(seq))
+                if table == "telemetry":
+                    telemetry += 1
+                else:
+                    events += 1
+    finally:
+        conn.close()
+    sent = still_spooled = dropped = missing = 0
+    devices_with_loss: list[str] = []
+    spools = sorted(root.glob("*/*/data/spool.sqlite"))
+    for path in spools:
+        device = path.parent.parent.name
+        last, pending, drop = spool_numbers(path)
+        sent += last - len(pending)
+        still_spooled += len(pending)
+        dropped += drop
+        gone = set(range(1, last + 1)) - pending - stored.get(device, set())
+        if gone:
+            missing += len(gone)
+            devices_with_loss.append(device)
+    return {"agents": len(spools), "sent": sent, "stored": telemetry + events, "telemetry_rows": telemetry,
+            "event_rows": events, "lost": missing, "still_spooled": still_spooled, "spool_dropped": dropped,
+            "devices_with_loss": devices_with_loss[:20]}
+
+
+def telemetry_delay(db: Path, t0: float, t1: float) -> dict[str, Any]:
+    """received_at - ts (agent clock = service clock here) of the telemetry rows received in [t0, t1]."""
+    conn = sqlite3.connect(str(db))
+    try:
+        rows = conn.execute("SELECT received_at - ts, device_id FROM telemetry WHERE received_at BETWEEN ? AND ?",
+                            (t0, t1)).fetchall()
+    finally:
+        conn.close()
+    delays = [float(r[0]) for r in rows]
+    per_device = Counter(r[1] for r in rows)
+    return {"rows": len(rows), "delay_s_p50": _r(pct(delays, 50)), "delay_s_p95": _r(pct(delays, 95)),
+            "delay_s_max": _r(max(delays) if delays else None),
+            "per_device_per_s_median": _r(statistics.median(per_device.values()) / (t1 - t0) if per_device else None)}
+
+
+def _r(x: float | None, nd: int = 3) -> float | None:
+    return None if x is None else round(x, nd)
+
+
+def wait_drained(service: ServiceProc, quiet_s: float = 3.0, timeout: float = 120.0) -> dict[str, int]:
+    """Until the ingest workers hold nothing and have received nothing new for ``quiet_s``."""
+    deadline = time.monotonic() + timeout
+    last, since = -1, time.monotonic()
+    while True:
+        totals = ingest_totals(service.status())
+        if totals.get("received", 0) != last or totals.get("pending", 0):
+            last, since = totals.get("received", 0), time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return totals
+        if time.monotonic() > deadline:
+            raise BenchError(f"the ingest did not drain within {timeout:g} s: {totals}")
+        time.sleep(0.2)
+
+
+def fleet_size(ctx: Ctx, n: int) -> dict[str, Any]:
+    work = ctx.work / f"fleet-{n}"
+    work.mkdir(parents=True, exist_ok=True)
+    db = work / "fleet.db"
+    broker = start_broker(work / "mosquitto")
+    sampler = Sampler()
+    sampler.set_group("broker", [broker_pid(broker)])
+    sims: list[tuple[subprocess.Popen[bytes], Path, Path]] = []
+    service = ServiceProc(work, broker=broker.url, db=db, releases=ctx.work / "releases", key=ctx.arts.command_key,
+                          workers=ctx.args.workers, rate=5.0, burst=20.0)
+    out: dict[str, Any] = {"agents": n}
+    try:
+        service.start()
+        sampler.set_group("service", [service.pid])
+        sampler.start()
+        mem_before = mem_available_mb()
+        t_start = time.time()
+        sims = start_sims(ctx, n, broker.url, work / "agents")
+        sampler.set_group("agents", [p.pid for p, _, _ in sims])
+        start_s = wait_sims_ready(sims, 120 + 1.5 * n)
+        wait_online(db, n, 120)
+        out["start"] = {"processes": len(sims), "all_online_s": round(time.time() - t_start, 1),
+                        "per_process_start_s": [round(s, 1) for s in start_s]}
+        say(f"fleet {n}: {n} agents online in {out['start']['all_online_s']} s ({len(sims)} processes)")
+        time.sleep(SETTLE_S)
+        w0, s0 = time.time(), ingest_totals(service.status())
+        _watch(sims, ctx.args.duration)
+        w1, s1 = time.time(), ingest_totals(service.status())
+        window = sampler.window(w0, w1)
+        out["telemetry"] = {
+            "window_s": round(w1 - w0, 1),
+            "received_per_s": round((s1.get("received", 0) - s0.get("received", 0)) / (w1 - w0), 1),
+            "stored_per_s": round((s1.get("stored", 0) - s0.get("stored", 0)) / (w1 - w0), 1),
+            "resources": window,
+            "agent_mem_mb_each": {
+                "rss": round(window["agents"]["rss_mb_peak"] / n, 1),
+                "pss": round(window["agents"]["pss_mb_peak"] / n, 1),
+                "machine": round((mem_before - min(s.mem_available_mb for s in sampler.samples
+                                                   if w0 <= s.t <= w1 + SAMPLE_S)) / n, 1),
+            },
+        }
+        say(f"fleet {n}: telemetry {out['telemetry']['stored_per_s']} rows/s stored; service "
+            f"{window['service']['cpu_percent']} % CPU; agents {window['agents']['cpu_percent']} % CPU, "
+            f"{window['agents']['rss_mb_peak']:.0f} MB RSS")
+        if not ctx.args.no_rollout:
+            r0 = time.time()
+            out["rollout"] = rollout(ctx, db, service, n)
+            out["rollout"]["resources"] = sampler.window(r0, time.time())
+            r = out["rollout"]
+            say(f"fleet {n}: rollout {r['statuses']} in {r['converge_s']} s; {r['chunks_published']} publishes for "
+                f"{r['chunks']} chunks")
+        t_stop = time.time()
+        for proc, _, _ in sims:
+            proc.send_signal(signal.SIGTERM)
+        for proc, _, log in sims:
+            if stop_process(proc, 300) != 0:
+                ctx.notes.append(f"fleet {n}: a FleetSim process stopped with {proc.returncode}: {log_tail(log)}")
+        out["stop_s"] = round(time.time() - t_stop, 1)
+        out["drain"] = wait_drained(service)
+        final = service.stop()
+        out["ingest_counters"] = ingest_totals(final)
+        out["telemetry"]["delay"] = telemetry_delay(db, w0, w1)
+        out["loss"] = count_loss(db, work / "agents")
+        out["machine_mem_used_mb_peak"] = round(sampler.total_mb - min(s.mem_available_mb for s in sampler.samples), 1)
+        say(f"fleet {n}: sent {out['loss']['sent']}, stored {out['loss']['stored']}, lost {out['loss']['lost']}")
+    finally:
+        sampler.stop()
+        for proc, _, _ in sims:
+            if proc.poll() is None:
+                stop_process(proc, 60)
+        if service.proc is not None and service.proc.poll() is None:
+            stop_process(service.proc, 60)
+        broker.stop()
+        if not ctx.args.keep:
+            shutil.rmtree(work / "agents", ignore_errors=True)
+    return out
+
+
+def _watch(sims: Sequence[tuple[subprocess.Popen[bytes], Path, Path]], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for proc, _, log in sims:
+            if proc.poll() is not None:
+                raise BenchError(f"a FleetSim process exited ({proc.returncode}) mid-run: {log_tail(log)}")
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+
+def part_fleet(ctx: Ctx, sizes: Sequence[int]) -> dict[str, Any]:
+    key = load_private_key(ctx.arts.release_key)
+    ctx.release = build_release(ctx.arts.v2, [ctx.arts.v1], fleet=FLEET, key=key, store=ctx.work / "releases",
+                                chunk_size=ctx.args.chunk_size)
+    out: dict[str, Any] = {}
+    for n in sizes:
+        say(f"fleet {n}: starting")
+        try:
+            out[str(n)] = fleet_size(ctx, n)
+        except BenchError as exc:
+            say(f"fleet {n} not measured: {exc}")
+            out[str(n)] = {"agents": n, "error": str(exc)}
+    return out
+
+
+# ---------------------------------------------------------------- goals, table, main
+
+
+def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    ing = results.get("ingest")
+    if isinstance(ing, dict) and "service" in ing:
+        v = ing["service"]["rows_per_cpu_s"]
+        out.append({"goal": f"ingest >= {GOALS['ingest_per_core']:.0f} msg/s per core into SQLite", "value": v,
+                    "met": v >= GOALS["ingest_per_core"],
+                    "detail": f"{ing['service']['rows_per_s']} rows/s on {ing['service']['cores_used']} cores; "
+                              f"naive peer {ing['naive']['rows_per_cpu_s']} per core (x{ing['ratio_per_core']})"})
+    fleet = results.get("fleet") or {}
+    for n, r in fleet.items():
+        if "loss" not in r:
+            out.append({"goal": f"fleet of {n}", "value": None, "met": False, "detail": r.get("error", "?")})
+            continue
+        loss = r["loss"]
+        lossless = loss["lost"] == 0 and loss["still_spooled"] == 0 and loss["spool_dropped"] == 0
+        rate = r["telemetry"]["delay"]["per_device_per_s_median"]
+        out.append({"goal": f"{n} agents, telemetry at 1 Hz, zero loss", "value": loss["lost"],
+                    "met": lossless and loss["agents"] == int(n),
+                    "detail": f"sent {loss['sent']}, stored {loss['stored']}, still spooled {loss['still_spooled']}, "
+                              f"spool-dropped {loss['spool_dropped']}; {rate} msg/s per device achieved"})
+        ro = r.get("rollout")
+        if isinstance(ro, dict):
+            explained = ro["chunks_published"] <= ro["chunks"] + ro["resends"] and ro["first_sends"] <= ro["chunks"]
+            ok = ro["statuses"].get("succeeded", 0) == int(n)
+            out.append({"goal": f"rollout to {n}: each chunk published once (plus repairs)",
+                        "value": ro["published_per_chunk"], "met": explained and ro["resends"] == 0 and ok,
+                        "detail": f"{ro['chunks_published']} publishes for {ro['chunks']} chunks ({ro['resends']} "
+                                  f"re-sent); {ro['statuses']} in {ro['converge_s']} s"})
+    big = fleet.get(str(GOALS["fleet_size"]))
+    if big is not None:
+        ok = "loss" in big and big["loss"]["lost"] == 0 and big["loss"]["agents"] == GOALS["fleet_size"]
+        out.append({"goal": "1,000 real agents on one 2-core machine", "value": os.cpu_count(), "met": ok,
+                    "detail": big.get("error") or f"machine memory used at peak {big['machine_mem_used_mb_peak']} MB"})
+    return out
+
+
+def print_table(results: dict[str, Any]) -> None:
+    ing = results.get("ingest")
+    print("\nIngest (a backlog drained by one consumer at a time, same broker, same messages)")
+    if isinstance(ing, dict) and "service" in ing:
+        print(f"  {'consumer':<28} {'rows/s':>8} {'cores':>6} {'rows/CPU s':>11} {'broker CPU s':>13}")
+        for name, f in (("edgeops service (2 workers)", ing["service"]), ("naive: INSERT+COMMIT each", ing["naive"])):
+            print(f"  {name:<28} {f['rows_per_s']:>8} {f['cores_used']:>6} {f['rows_per_cpu_s']:>11} "
+                  f"{f['broker_cpu_s']:>13}")
+        print(f"  ratio per core {ing['ratio_per_core']}, wall {ing['ratio_wall']}")
+    elif isinstance(ing, dict):
+        print(f"  not measured: {ing.get('error')}")
+    fleet = results.get("fleet") or {}
+    if fleet:
+        print("\nFleet (telemetry every {:g} s)".format(results["config"]["interval_s"]))
+        head = (f"  {'agents':>6} {'online s':>8} {'rows/s':>7} {'delay p95':>9} {'svc CPU%':>8} {'svc RSS':>7} "
+                f"{'agents CPU%':>11} {'MB/agent':>8} {'broker CPU%':>11} {'sent':>8} {'lost':>5} "
+                f"{'chunks pub/n':>12} {'converge s':>10}")
+        print(head)
+        for n, r in fleet.items():
+            if "loss" not in r:
+                print(f"  {n:>6} not measured: {r.get('error')}")
+                continue
+            t, res, ro = r["telemetry"], r["telemetry"]["resources"], r.get("rollout") or {}
+            chunks = f"{ro.get('chunks_published', '-')}/{ro.get('chunks', '-')}"
+            print(f"  {n:>6} {r['start']['all_online_s']:>8} {t['stored_per_s']:>7} "
+                  f"{t['delay']['delay_s_p95']:>9} {res['service']['cpu_percent']:>8} "
+                  f"{res['service']['rss_mb_peak']:>7.0f} {res['agents']['cpu_percent']:>11} "
+                  f"{t['agent_mem_mb_each']['pss']:>8} {res['broker']['cpu_percent']:>11} {r['loss']['sent']:>8} "
+                  f"{r['loss']['lost']:>5} {chunks:>12} {ro.get('converge_s', '-')!s:>10}")
+    print("\nGoals")
+    for g in results["goals"]:
+        print(f"  {'met   ' if g['met'] else 'MISSED'}  {g['goal']}: {g['value']} ({g['detail']})")
+    for note in results.get("notes", []):
+        print(f"  note: {note}")
+
+
+def machine() -> dict[str, Any]:
+    import paho.mqtt
+
+    version = subprocess.run(["mosquitto", "-h"], capture_output=True, text=True).stdout.splitlines()
+    cpu = platform.processor() or platform.machine()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return {"cores": os.cpu_count(), "cpu": cpu, "mem_total_mb": round(Sampler().total_mb),
+            "python": platform.python_version(), "paho_mqtt": paho.mqtt.__version__, "sqlite": sqlite3.sqlite_version,
+            "mosquitto": version[0] if version else "?", "platform": platform.platform()}
+
+
+def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    arts = build_artifacts(CACHE)
+    ctx = Ctx(args, work, arts)
+    results: dict[str, Any] = {
+        "benchmark": "fleet",
+        "machine": machine(),
+        "config": {"sizes": args.sizes, "duration_s": args.duration, "interval_s": args.interval,
+                   "per_process": args.per_process, "ingest_workers": args.workers,
+                   "ingest_messages": args.ingest_messages, "ingest_devices": args.ingest_devices,
+                   "chunk_size": args.chunk_size, "latency_budget_factor": args.latency_budget_factor,
+                   "broker_max_queued_messages": BROKER_QUEUE, "profile": PROFILE, "quick": args.quick},
+    }
+    if "ingest" not in args.skip:
+        say("part ingest")
+        try:
+            results["ingest"] = part_ingest(ctx)
+        except BenchError as exc:
+            say(f"part ingest not measured: {exc}")
+            results["ingest"] = {"error": str(exc)}
+    if "fleet" not in args.skip:
+        results["fleet"] = part_fleet(ctx, args.sizes)
+    results["goals"] = goals(results)
+    results["notes"] = ctx.notes
+    results["seconds"] = round(time.monotonic() - _T0, 1)
+    return results
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes like 100,500,1000, got {text!r}") from None
+    if not sizes or any(s < 1 for s in sizes):
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    return sizes
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    p.add_argument("--sizes", type=_sizes, default=[100, 500, 1000], help="fleet sizes (default 100,500,1000)")
+    p.add_argument("--duration", type=float, default=60.0, help="measured telemetry window per size (s, default 60)")
+    p.add_argument("--interval", type=float, default=1.0, help="agents' telemetry interval (s, default 1)")
+    p.add_argument("--per-process", type=int, default=250, help="agents per FleetSim process (default 250)")
+    p.add_argument("--workers", type=int, default=2, help="the service's ingest workers (default 2, as fleet serve)")
+    p.add_argument("--ingest-messages", type=int, default=200_000, help="backlog of the ingest part (default 200k)")
+    p.add_argument("--ingest-devices", type=int, default=1000, help="devices the backlog comes from (default 1000)")
+    p.add_argument("--ingest-timeout", type=float, default=600.0, help="longest drain (s)")
+    p.add_argument("--chunk-size", type=int, default=2048,
+                   help="the release's chunk size (default 2048: the ~56 kB delta spans tens of chunks)")
+    p.add_argument("--latency-budget-factor", type=float, default=100.0,
+                   help="agents' [health] latency_budget_factor (default 100: see the module docstring)")
+    p.add_argument("--rollout-timeout", type=float, default=600.0, help="per-device rollout timeout (s)")
+    p.add_argument("--no-rollout", action="store_true", help="telemetry only")
+    p.add_argument("--skip", action="append", default=[], choices=("ingest", "fleet"), help="leave a part out")
+    p.add_argument("--quick", action="store_true", help="50 agents, 20 s, 20k ingest messages")
+    p.add_argument("--keep", action="store_true", help="keep the agents' data dirs (with --work)")
+    p.add_argument("--work", type=Path, help="work directory (default: a temp dir, removed)")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "fleet.json")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.sizes, args.duration, args.ingest_messages = [50], 20.0, 20_000
+    if args.work is not None:
+        args.work.mkdir(parents=True, exist_ok=True)
+        results = run(args, args.work.resolve())
+    else:
+        work = Path(tempfile.mkdtemp(prefix="fleet-bench-"))
+        try:
+            results = run(args, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    os.replace(tmp, args.out)
+    print_table(results)
+    print(f"\nwrote {args.out} ({results['seconds']} s)")
+    failed = isinstance(results.get("ingest"), dict) and "error" in results["ingest"]
+    failed = failed or any("error" in r for r in (results.get("fleet") or {}).values())
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The fleet service: device and release registries, rollouts, telemetry store, alerts, metrics, dashboard."""
