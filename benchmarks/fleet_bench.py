@@ -79,14 +79,15 @@ DIGITS = REPO / "examples" / "digits" / "out"
 DIGITS_FILES = ("digits.keras", "digits.onnx", "calib.npz", "eval.npz", "eval_nchw.npz", "train.npz")
 GOALS = {"ingest_per_core": 5000.0, "fleet_size": 1000, "interval_s": 1.0}
 BROKER_QUEUE = 2_000_000  # mosquitto max_queued_messages per session (default 1000: the backlog would be dropped)
-STATUS_S = 0.25  # the service child and the naive peer write their status this often
+STATUS_S = 0.25  # the service child writes its status this often (the peers too, fixed in PEER_RUNNER)
 SAMPLE_S = 1.0  # /proc sampling period of the fleet part
 SETTLE_S = 5.0  # after every agent is online, before the measured window
 _T0 = time.monotonic()
 
 # The fleet service in a child process (argv: a JSON config file). Writes its status (counters of the ingest
-# workers, controller and release server, and its own CPU seconds) to cfg["status"] every STATUS_S, and a final
-# one after stopping on SIGTERM (the ingest workers flush and acknowledge what they hold).
+# workers, controller and release server, and its own CPU seconds) to cfg["status"] once just before
+# FleetService.start (its modules imported already), then every STATUS_S, and a final one after stopping on
+# SIGTERM (the ingest workers flush and acknowledge what they hold).
 SERVICE_RUNNER = r"""
 import json, logging, os, signal, sys, threading, time
 from pathlib import Path
@@ -101,16 +102,19 @@ svc = FleetService(ServiceConfig(
     rate_per_s=cfg["rate"], burst=cfg["burst"], housekeeping_s=1.0))
 stop = threading.Event()
 signal.signal(signal.SIGTERM, lambda *_: stop.set())
-svc.start()
-workers, releases, controller = list(svc.workers), svc.releases, svc.controller
-def write(final):
+import edgeops.fleet.http_server, edgeops.fleet.ingest_worker, edgeops.release_server  # start() imports them
+workers, releases, controller = [], None, None
+def write(final, path=status):
     t = os.times()
     doc = {"t": time.time(), "cpu_s": t.user + t.system, "final": final,
            "workers": [w.stats() for w in workers], "controller": controller.stats() if controller else None,
            "releases": releases.stats() if releases else None}
-    tmp = status.with_name(status.name + ".tmp")
+    tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(doc))
-    os.replace(tmp, status)
+    os.replace(tmp, path)
+write(False, status.with_name(status.name + ".start"))  # nothing received yet: the reference point of a drain
+svc.start()
+workers, releases, controller = list(svc.workers), svc.releases, svc.controller
 while not stop.wait(cfg["status_s"]):
     write(False)
 svc.stop()
@@ -142,56 +146,77 @@ sim.stop()
 print(json.dumps({"stop_s": time.monotonic() - t1}), flush=True)
 """
 
-# The naive peer (argv: host, port, topic, db, status file, expected count, client id, mode). mode "subscribe":
-# create the persistent session and its subscription, then leave. mode "drain": take what the session holds, one
-# INSERT + COMMIT per message, until ``expected`` rows are stored.
-NAIVE_RUNNER = r"""
+# The peers (argv: kind, host, port, fleet, db, status file, expected count, client id, mode). mode "subscribe":
+# create the persistent session and its subscription, then leave; mode "drain": take what the session holds until
+# ``expected`` rows are stored. kind "naive": json.loads + one INSERT (5 columns) + COMMIT per message, what one
+# writes first; kind "unbatched": the service's own work per message (edgeops.fleet.ingest.parse_telemetry, the
+# alert rules, FleetStore.write_batch of a batch of one: the same rows, schema and indexes), one transaction per
+# message: what the service's batching and pipeline are worth. Both acknowledge after the commit (paho acks a
+# QoS 1 message when on_message returns), as the service does; SQLite in WAL with synchronous=NORMAL, as the store.
+PEER_RUNNER = r"""
 import json, os, sqlite3, sys, threading, time
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-host, port, topic, db, status, expected, client_id, mode = sys.argv[1:9]
+kind, host, port, fleet, db, status, expected, client_id, mode = sys.argv[1:10]
 port, expected = int(port), int(expected)
-conn = sqlite3.connect(db, check_same_thread=False)
-conn.execute("PRAGMA journal_mode=WAL")
-conn.execute("PRAGMA synchronous=NORMAL")
-conn.execute("CREATE TABLE IF NOT EXISTS telemetry (device_id TEXT NOT NULL, seq INTEGER NOT NULL, ts REAL NOT NULL,"
-             " received_at REAL NOT NULL, raw TEXT NOT NULL, PRIMARY KEY (device_id, seq))")
-conn.commit()
 got = {"received": 0, "stored": 0}
 done, subscribed = threading.Event(), threading.Event()
+if kind == "naive":
+    conn = sqlite3.connect(db, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("CREATE TABLE IF NOT EXISTS telemetry (device_id TEXT NOT NULL, seq INTEGER NOT NULL, "
+                 "ts REAL NOT NULL, received_at REAL NOT NULL, raw TEXT NOT NULL, PRIMARY KEY (device_id, seq))")
+    conn.commit()
+    def store(msg):
+        doc = json.loads(msg.payload)
+        cur = conn.execute("INSERT OR IGNORE INTO telemetry VALUES (?, ?, ?, ?, ?)",
+                           (doc["device"], doc["seq"], doc["ts"], time.time(), msg.payload.decode()))
+        conn.commit()
+        return cur.rowcount
+else:
+    from edgeops.fleet.alerts import AlertRules, latency_budgets_from_profiles
+    from edgeops.fleet.ingest import BatchAssembler, classify_topic, parse_telemetry
+    from edgeops.fleet.store import open_store
+    fleet_store = open_store(db)
+    rules = AlertRules(latency_budgets_ms=latency_budgets_from_profiles())
+    profiles = {d.device_id: d.profile for d in fleet_store.list_devices()}
+    def store(msg):
+        _, device = classify_topic(fleet, msg.topic)
+        now = time.time()
+        row = parse_telemetry(device, msg.payload, received_at=now)
+        batch = BatchAssembler()
+        batch.add_telemetry(row, *rules.evaluate(row, profile=profiles.get(device), now=now))
+        return sum(fleet_store.write_batch(batch.build()))
 def on_connect(client, userdata, flags, rc, props):
-    client.subscribe(topic, qos=1)
+    client.subscribe(f"edgeops/v1/{fleet}/device/+/telemetry", qos=1)
 def on_subscribe(client, userdata, mid, rcs, props):
     subscribed.set()
 def on_message(client, userdata, msg):
     got["received"] += 1
-    doc = json.loads(msg.payload)
-    cur = conn.execute("INSERT OR IGNORE INTO telemetry VALUES (?, ?, ?, ?, ?)",
-                       (doc["device"], doc["seq"], doc["ts"], time.time(), msg.payload.decode()))
-    conn.commit()
-    got["stored"] += cur.rowcount
+    got["stored"] += store(msg)
     if got["stored"] >= expected:
         done.set()
-def write(final=False):
+def write(final=False, path=status):
     t = os.times()
     doc = {"t": time.time(), "cpu_s": t.user + t.system, "final": final, **got}
-    with open(status + ".tmp", "w") as f:
+    with open(path + ".tmp", "w") as f:
         f.write(json.dumps(doc))
-    os.replace(status + ".tmp", status)
+    os.replace(path + ".tmp", path)
 props = Properties(PacketTypes.CONNECT)
 props.SessionExpiryInterval = 3600
 props.ReceiveMaximum = 2000
 client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
 client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
-write()
+write(path=status + ".start")  # nothing received yet: the reference point of a drain
 client.connect(host, port, clean_start=False, properties=props)
 client.loop_start()
 if mode == "subscribe":
     subscribed.wait(30)
 else:
-    while not done.wait(float(os.environ.get("NAIVE_STATUS_S", "0.25"))):
+    while not done.wait(0.25):
         write()
 write(True)
 client.disconnect()
@@ -561,9 +586,14 @@ def drain_figures(samples: list[dict[str, Any]], expected: int, key: str) -> dic
 
 
 def drain_service(service: ServiceProc, broker: MosquittoBroker, expected: int, timeout: float) -> dict[str, Any]:
-    samples: list[dict[str, Any]] = []
-    peak_rss = 0.0
+    broker_cpu0 = proc_cpu_s(broker_pid(broker)) or 0.0  # the broker idles until a consumer connects
     service.start()
+    first = read_json(service.status_path.with_name(service.status_path.name + ".start"))
+    if first is None:
+        raise BenchError("the service wrote no start status")
+    samples: list[dict[str, Any]] = [{"t": first["t"], "cpu_s": first["cpu_s"], "received": 0, "stored": 0,
+                                      "broker_cpu_s": broker_cpu0}]
+    peak_rss = 0.0
     deadline = time.monotonic() + timeout
     last_t = 0.0
     while True:
@@ -588,16 +618,17 @@ def drain_service(service: ServiceProc, broker: MosquittoBroker, expected: int, 
     return figures
 
 
-def run_naive(broker: MosquittoBroker, work: Path, mode: str, expected: int, timeout: float) -> dict[str, Any]:
-    """The naive peer child: ``subscribe`` (make its session) or ``drain`` (take ``expected`` rows)."""
-    status = work / "naive.status.json"
+def run_peer(kind: str, broker: MosquittoBroker, work: Path, db: Path, mode: str, expected: int,
+             timeout: float) -> dict[str, Any]:
+    """A peer child (PEER_RUNNER): ``subscribe`` (make its session) or ``drain`` (take ``expected`` rows)."""
+    status = work / f"{kind}.status.json"
     status.unlink(missing_ok=True)
-    topic = f"edgeops/v1/{FLEET}/device/+/telemetry"
-    args = [sys.executable, "-c", NAIVE_RUNNER, broker.host, str(broker.port), topic, str(work / "naive.db"),
-            str(status), str(expected), "fleet-bench-naive", mode]
-    log = work / "naive.log"
+    args = [sys.executable, "-c", PEER_RUNNER, kind, broker.host, str(broker.port), FLEET, str(db), str(status),
+            str(expected), f"fleet-bench-{kind}", mode]
+    log = work / f"{kind}.log"
     samples: list[dict[str, Any]] = []
     peak_rss = 0.0
+    broker_cpu0 = proc_cpu_s(broker_pid(broker)) or 0.0  # the broker idles until a consumer connects
     with log.open("ab") as out:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
     deadline = time.monotonic() + timeout
@@ -611,69 +642,85 @@ def run_naive(broker: MosquittoBroker, work: Path, mode: str, expected: int, tim
             peak_rss = max(peak_rss, mem.get("VmRSS", 0.0) if mem else 0.0)
         if time.monotonic() > deadline:
             stop_process(proc, 10)
-            raise BenchError(f"the naive peer did not finish {mode} in {timeout:g} s: {log_tail(log)}")
+            raise BenchError(f"the {kind} peer did not finish {mode} in {timeout:g} s: {log_tail(log)}")
         time.sleep(0.02)
     doc = read_json(status)
-    if proc.returncode != 0 or doc is None:
-        raise BenchError(f"the naive peer failed ({proc.returncode}): {log_tail(log)}")
-    samples.append({**doc, "broker_cpu_s": proc_cpu_s(broker_pid(broker)) or 0.0})
+    start = read_json(Path(f"{status}.start"))
+    if proc.returncode != 0 or doc is None or start is None:
+        raise BenchError(f"the {kind} peer failed ({proc.returncode}): {log_tail(log)}")
     if mode != "drain":
         return {}
+    samples = [{**start, "broker_cpu_s": broker_cpu0}, *samples, {**doc, "broker_cpu_s": proc_cpu_s(broker_pid(
+        broker)) or 0.0}]
     figures = drain_figures(samples, expected, "stored")
     figures["rss_mb_peak"] = round(peak_rss, 1)
     return figures
 
 
+def register_devices(db: Path, devices: Sequence[str]) -> None:
+    """Record ``devices`` online in a fleet store (so the alert rules find each one's profile, as live)."""
+    store = open_store(str(db))
+    try:
+        now = time.time()
+        for d in devices:
+            store.put_device(DeviceRecord(device_id=d, online=True, last_seen=now, profile=PROFILE, groups=(GROUP,),
+                                          active_version="1.0.0"))
+    finally:
+        store.close()
+
+
+def rows_in(db: Path) -> int:
+    conn = sqlite3.connect(str(db))
+    try:
+        return int(conn.execute("SELECT COUNT(*) FROM telemetry").fetchone()[0])
+    finally:
+        conn.close()
+
+
+PEERS = ("naive", "unbatched")
+
+
 def part_ingest(ctx: Ctx) -> dict[str, Any]:
-    """The service's ingest and the naive peer each drain the same ``messages`` queued at the broker."""
+    """The service's ingest and the peers each drain their copy of the same backlog queued at the broker."""
     work = ctx.work / "ingest"
     work.mkdir(parents=True, exist_ok=True)
     n_msg, n_dev = ctx.args.ingest_messages, ctx.args.ingest_devices
     devices = [f"ing-{i:05d}" for i in range(n_dev)]
     broker = start_broker(work / "mosquitto")
+    dbs = {"service": work / "fleet.db", "naive": work / "naive.db", "unbatched": work / "unbatched.db"}
     try:
-        db = work / "fleet.db"
-        store = open_store(str(db))
-        try:  # registered devices, so that the alert rules find each one's profile as in a live fleet
-            now = time.time()
-            for d in devices:
-                store.put_device(DeviceRecord(device_id=d, online=True, last_seen=now, profile=PROFILE,
-                                              groups=(GROUP,), active_version="1.0.0"))
-        finally:
-            store.close()
+        register_devices(dbs["service"], devices)
+        register_devices(dbs["unbatched"], devices)
         # a backlog drains at thousands of messages per second from each device: the per-device rate limit
         # (5/s, burst 20 by default) would drop most of it, so it is raised here (it is still applied)
         rate = 1e6
-        service = ServiceProc(work, broker=broker.url, db=db, releases=work / "releases", key=ctx.arts.command_key,
-                              workers=ctx.args.workers, rate=rate, burst=rate)
-        say("ingest: creating the service's and the peer's persistent sessions")
+        service = ServiceProc(work, broker=broker.url, db=dbs["service"], releases=work / "releases",
+                              key=ctx.arts.command_key, workers=ctx.args.workers, rate=rate, burst=rate)
+        say("ingest: creating the persistent sessions of the service and the peers")
         service.start()
         service.stop()
-        run_naive(broker, work, "subscribe", n_msg, 60)
+        for kind in PEERS:
+            run_peer(kind, broker, work, dbs[kind], "subscribe", n_msg, 60)
         say(f"ingest: preloading {n_msg} telemetry messages from {n_dev} devices")
         pre = preload(broker, devices, n_msg)
         say(f"ingest: preloaded in {pre['seconds']} s; the service drains its copy")
-        edge = drain_service(service, broker, n_msg, ctx.args.ingest_timeout)
-        say(f"ingest: service {edge['rows_per_s']} rows/s, {edge['rows_per_cpu_s']} rows per CPU s; "
-            "the naive peer drains its copy")
-        naive = run_naive(broker, work, "drain", n_msg, ctx.args.ingest_timeout)
-        say(f"ingest: naive {naive['rows_per_s']} rows/s, {naive['rows_per_cpu_s']} rows per CPU s")
-        stored = open_store(str(db))
-        try:
-            rows = stored.telemetry_count()
-        finally:
-            stored.close()
+        figures = {"service": drain_service(service, broker, n_msg, ctx.args.ingest_timeout)}
+        for kind in PEERS:
+            say(f"ingest: {figures[list(figures)[-1]]['rows_per_cpu_s']} rows per CPU s; the {kind} peer drains")
+            figures[kind] = run_peer(kind, broker, work, dbs[kind], "drain", n_msg, ctx.args.ingest_timeout)
+        for kind, db in dbs.items():
+            figures[kind]["rows_in_store"] = rows_in(db)
     finally:
         broker.stop()
+    edge = figures["service"]
+    say("ingest: " + ", ".join(f"{k} {f['rows_per_cpu_s']} rows per CPU s" for k, f in figures.items()))
     return {
-        "measured": "a backlog queued at the broker for each consumer, drained by one at a time",
+        "measured": "a backlog queued at the broker for each consumer, drained by one consumer at a time",
         "preload": pre,
         "workers": ctx.args.workers,
-        "service": edge,
-        "service_rows_in_store": rows,
-        "naive": naive,
-        "ratio_per_core": round(edge["rows_per_cpu_s"] / naive["rows_per_cpu_s"], 2),
-        "ratio_wall": round(edge["rows_per_s"] / naive["rows_per_s"], 2),
+        **figures,
+        "ratio_per_core": {k: round(edge["rows_per_cpu_s"] / figures[k]["rows_per_cpu_s"], 2) for k in PEERS},
+        "ratio_wall": {k: round(edge["rows_per_s"] / figures[k]["rows_per_s"], 2) for k in PEERS},
         "rate_limit_used": {"rate_per_s": rate, "burst": rate},
     }
 
@@ -1006,7 +1053,9 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
         out.append({"goal": f"ingest >= {GOALS['ingest_per_core']:.0f} msg/s per core into SQLite", "value": v,
                     "met": v >= GOALS["ingest_per_core"],
                     "detail": f"{ing['service']['rows_per_s']} rows/s on {ing['service']['cores_used']} cores; "
-                              f"naive peer {ing['naive']['rows_per_cpu_s']} per core (x{ing['ratio_per_core']})"})
+                              f"per core x{ing['ratio_per_core']['naive']} the naive peer's "
+                              f"({ing['naive']['rows_per_cpu_s']}), x{ing['ratio_per_core']['unbatched']} the "
+                              f"unbatched peer's ({ing['unbatched']['rows_per_cpu_s']})"})
     fleet = results.get("fleet") or {}
     for n, r in fleet.items():
         if "loss" not in r:
@@ -1039,11 +1088,14 @@ def print_table(results: dict[str, Any]) -> None:
     ing = results.get("ingest")
     print("\nIngest (a backlog drained by one consumer at a time, same broker, same messages)")
     if isinstance(ing, dict) and "service" in ing:
-        print(f"  {'consumer':<28} {'rows/s':>8} {'cores':>6} {'rows/CPU s':>11} {'broker CPU s':>13}")
-        for name, f in (("edgeops service (2 workers)", ing["service"]), ("naive: INSERT+COMMIT each", ing["naive"])):
-            print(f"  {name:<28} {f['rows_per_s']:>8} {f['cores_used']:>6} {f['rows_per_cpu_s']:>11} "
-                  f"{f['broker_cpu_s']:>13}")
-        print(f"  ratio per core {ing['ratio_per_core']}, wall {ing['ratio_wall']}")
+        print(f"  {'consumer':<30} {'rows/s':>8} {'cores':>6} {'rows/CPU s':>11} {'broker CPU s':>13} {'stored':>9}")
+        names = {"service": f"edgeops service ({ing['workers']} workers)", "naive": "naive: INSERT+COMMIT each",
+                 "unbatched": "unbatched: service rows, 1 tx"}
+        for key, name in names.items():
+            f = ing[key]
+            print(f"  {name:<30} {f['rows_per_s']:>8} {f['cores_used']:>6} {f['rows_per_cpu_s']:>11} "
+                  f"{f['broker_cpu_s']:>13} {f['rows_in_store']:>9}")
+        print(f"  service per core / peer: {ing['ratio_per_core']}; wall: {ing['ratio_wall']}")
     elif isinstance(ing, dict):
         print(f"  not measured: {ing.get('error')}")
     fleet = results.get("fleet") or {}

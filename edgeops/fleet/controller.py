@@ -235,7 +235,11 @@ class FleetController:
             self.counters["send_failures"] += 1
             log.warning("rollout %s: commands not sent (%s); trying again next tick", rollout.rollout_id, exc)
             return []
-        store.save_rollout(decision.rollout, [self._with_nonce(e, nonces) for e in decision.executions])
+        saved = store.save_rollout(decision.rollout, [self._with_nonce(e, nonces) for e in decision.executions],
+                                   expect_updated_at=rollout.updated_at)
+        if not saved:  # the operator paused/aborted it meanwhile: decide again next tick from what is stored
+            self.counters["decisions_superseded"] += 1
+            return []
         for note in decision.notes:
             log.info("rollout %s: %s", rollout.rollout_id, note)
         return list(decision.notes)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeops.errors import EdgeopsError, TransportError
+from edgeops.fleet.model import Rollout
 
 __all__ = ["DemoOptions", "run_demo"]
 
@@ -156,7 +157,10 @@ def _summary(db: str, fleet_size: int) -> tuple[str, Counter[str]]:
     try:
         devices = store.list_devices()
         versions = Counter(d.active_version or "none" for d in devices if d.online)
-        rollouts = store.list_rollouts()[:3]
+        latest: dict[str, Rollout] = {}
+        for r in store.list_rollouts():  # newest first: the latest rollout of each group
+            latest.setdefault(r.group, r)
+        rollouts = sorted(latest.values(), key=lambda r: r.group)
         execs = {r.rollout_id: Counter(str(e.status) for e in store.list_executions(r.rollout_id)) for r in rollouts}
         telemetry = store.telemetry_count()
     finally:
@@ -229,9 +233,11 @@ def run_demo(opts: DemoOptions) -> int:
             deployments.deploy(store, release_id=r1, group=group, spec=RolloutSpec(), now=time.time())
         _wait(db, opts.devices, lambda v: v.get("1.0.0", 0) == opts.devices, opts.timeout_s)
         _say(f"rolling out {r2} (delta) with a canary: lab 10% → 50% → 100%, then field 10% → 100%")
-        canary = RolloutSpec(phases=(0.1, 0.5, 1.0), max_failures=0.2)
+        # a short healthy window after each phase, so that the canary can be watched on the dashboard
+        canary = RolloutSpec(phases=(0.1, 0.5, 1.0), max_failures=0.2, wait_s=5.0)
         deployments.deploy(store, release_id=r2, group="lab", spec=canary, now=time.time())
-        deployments.deploy(store, release_id=r2, group="field", spec=RolloutSpec(phases=(0.1, 1.0)), now=time.time())
+        deployments.deploy(store, release_id=r2, group="field", spec=RolloutSpec(phases=(0.1, 1.0), wait_s=5.0),
+                           now=time.time())
         _wait(db, opts.devices, lambda v: v.get("2.0.0", 0) == opts.devices, opts.timeout_s)
         _say(f"v2 on all devices ({opts.devices}/{opts.devices}). Dashboard: {service.url}")
         if not opts.exit_when_done:

@@ -295,18 +295,31 @@ class FleetStore:
             ).fetchall()
         return [schema.rollout_of(r) for r in found]
 
-    def save_rollout(self, rollout: Rollout, executions: Sequence[Execution] = ()) -> None:
+    def save_rollout(
+        self, rollout: Rollout, executions: Sequence[Execution] = (), *, expect_updated_at: float | None = None
+    ) -> bool:
         """Updates the rollout and upserts ``executions``, in one transaction.
 
-        Raises ValueError for an unknown rollout or an execution of another rollout, StorageError."""
+        With ``expect_updated_at`` the write happens only if the stored rollout's ``updated_at`` is still that
+        value (a compare-and-set: the controller's decision never overwrites an operator's pause or abort made
+        meanwhile); returns False, writing nothing, when it is not. Raises ValueError for an unknown rollout or an
+        execution of another rollout, StorageError."""
         schema.check_executions(rollout, executions)
         params = schema.rollout_params(rollout)
         with self._tx("save_rollout", write=True) as db:
+            if expect_updated_at is not None:
+                row = db.execute("SELECT updated_at FROM rollouts WHERE rollout_id = ?",
+                                 (rollout.rollout_id,)).fetchone()
+                if row is None:
+                    raise ValueError(f"unknown rollout {rollout.rollout_id!r}")
+                if float(row[0]) != float(expect_updated_at):
+                    return False
             cur = db.execute(schema.UPDATE_ROLLOUT, (*params[1:], params[0]))
             if cur.rowcount == 0:
                 raise ValueError(f"unknown rollout {rollout.rollout_id!r}")
             if executions:
                 db.executemany(schema.UPSERT_EXECUTION, [schema.execution_params(e) for e in executions])
+        return True
 
     def list_executions(self, rollout_id: str) -> list[Execution]:
         """The rollout's executions ordered by device id. Raises StorageError."""

@@ -103,14 +103,17 @@ def fleet(tmp_path: Path, digits_dir: Path, keys_dir: Path, mosquitto: Mosquitto
                    extra=lambda i: {"health": {"latency_budget_factor": 1e-9}} if f"sim-{i:04d}" in FAILING else {},
                    **common)
     pis = FleetSim(tmp_path / "pis", n=2, profile="rpi4", id_prefix="pi", groups=lambda i: ["alpha"], **common)
+    late = FleetSim(tmp_path / "late", n=1, profile=PROFILE, id_prefix="late", initial_artifact=v1,
+                    groups=lambda i: ["alpha"], **common)
     sim.start()
     pis.start()
     try:
-        yield {"db": db, "service": service, "release": rel.meta.release_id, "log": tmp_path / "service.log"}
+        yield {"db": db, "service": service, "release": rel.meta.release_id, "late": late}
     finally:
         try:
             service.stop()
         finally:
+            late.stop()
             pis.stop()
             sim.stop()
 
@@ -188,6 +191,12 @@ def test_canary_phases_gate_failure_threshold_and_service_restart(fleet: dict[st
     assert all(versions[d] == "2.0.0" for d in ok)
     assert versions["sim-0003"] != "2.0.0"
 
+    # a device that joins alpha after the rollout finished gets the release too (continuous rollout)
+    fleet["late"].start()
+    joined = wait_for("late joiner updated", lambda: (e := _executions(db, alpha).get("late-0000")) is not None
+                      and e.status is ExecStatus.SUCCEEDED and e, timeout=60)
+    assert joined.phase == 2 and _versions(db)["late-0000"] == "2.0.0"
+
     # beta: canary of 2 with --max-failures 10% and --auto-rollback: sim-0011 fails its gate → 1/2 > 10%:
     # the rollout stops, the canary that did update (sim-0010) is sent back, the rest of beta is never sent
     out = edgeops("deploy", "--release", release, "--group", "beta", "--canary", "20%", "--max-failures", "10%",
@@ -202,7 +211,14 @@ def test_canary_phases_gate_failure_threshold_and_service_restart(fleet: dict[st
     assert all(_versions(db)[f"sim-{i:04d}"] == "1.0.0" for i in range(10, 20) if i != 11)
 
     status = json.loads(edgeops("rollout", "status", alpha, "--json", db=db).stdout)
-    assert status["status"] == "succeeded" and status["counts"]["succeeded"] == 9
+    assert status["status"] == "succeeded" and status["counts"]["succeeded"] == 10  # 9 + the late joiner
     devices = json.loads(edgeops("devices", "list", "--group", "alpha", "--json", db=db).stdout)
-    assert len(devices) == 12 and all(d["online"] for d in devices)
+    assert len(devices) == 13 and all(d["online"] for d in devices)
+
+    # `edgeops rollback --group alpha`: every device on 2.0.0 goes back to 1.0.0; the update rollout is aborted
+    back = json.loads(edgeops("rollback", "--group", "alpha", "--json", db=db).stdout)
+    assert back["devices"] == 10 and back["superseded"] == [alpha]
+    wait_for("alpha back on 1.0.0", lambda: _rollout(db, back["id"]).status is RolloutStatus.SUCCEEDED, timeout=60)
+    versions = _versions(db)
+    assert all(versions[d] == "1.0.0" for d in [*ok, "late-0000"])
     assert fleet["service"].stop() == 0

@@ -266,6 +266,24 @@ def test_rollouts_and_executions_round_trip(store: FleetStore) -> None:
     assert store.get_rollout("ro-3") is None and store.get_rollout("ro-404") is None
 
 
+def test_save_rollout_compare_and_set_keeps_an_operators_change(store: FleetStore) -> None:
+    """The controller's decision, computed from a rollout read before the operator paused it, must not undo the
+    pause: save_rollout(expect_updated_at=what it read) writes nothing and says so."""
+    read = rollout("ro-1", 100.0)
+    store.create_rollout(read, [Execution("ro-1", "pi-01", ExecStatus.QUEUED, 0, 100.0)])
+    paused = replace(read, status=RolloutStatus.PAUSED, updated_at=120.0, reason="paused by operator")
+    store.save_rollout(paused)
+    decision = replace(read, phase=1, updated_at=130.0)
+    sent = Execution("ro-1", "pi-01", ExecStatus.IN_PROGRESS, 0, 130.0, sent_at=130.0, attempts=1)
+    assert store.save_rollout(decision, [sent], expect_updated_at=read.updated_at) is False
+    assert store.get_rollout("ro-1") == paused
+    assert store.list_executions("ro-1")[0].status is ExecStatus.QUEUED
+    assert store.save_rollout(replace(paused, updated_at=140.0), [sent], expect_updated_at=120.0) is True
+    assert store.list_executions("ro-1")[0].status is ExecStatus.IN_PROGRESS
+    with pytest.raises(ValueError, match="unknown"):
+        store.save_rollout(rollout("ro-404", 1.0), expect_updated_at=1.0)
+
+
 # --- telemetry, events, alerts ------------------------------------------------------------------------------------
 
 
