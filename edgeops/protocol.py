@@ -44,6 +44,7 @@ __all__ = [
     "DeviceTopics",
     "RejectReason",
     "ReleaseTopics",
+    "alert_topic",
     "device_target",
     "device_topics",
     "group_cmd_topic",
@@ -170,6 +171,11 @@ def release_topics(fleet: str, release_id: str) -> ReleaseTopics:
     """The topics of one release. Raises ValueError for an invalid fleet or release id."""
     base = f"{TOPIC_ROOT}/{validate_segment(fleet, 'fleet')}/release/{validate_segment(release_id, 'release id')}"
     return ReleaseTopics(f"{base}/manifest", f"{base}/chunk")
+
+
+def alert_topic(fleet: str) -> str:
+    """The fleet service's alert stream (``alert.opened`` / ``alert.closed`` JSON, QoS 1, not retained)."""
+    return f"{TOPIC_ROOT}/{validate_segment(fleet, 'fleet')}/alerts"
 
 
 def ota_request_filter(fleet: str) -> str:

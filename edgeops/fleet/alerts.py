@@ -28,7 +28,7 @@ from typing import Any, Literal
 from edgeops.errors import ProfileError
 from edgeops.fleet.model import Alert, AlertKind, AlertLevel, TelemetryRow
 
-__all__ = ["AlertRules", "latency_budgets_from_profiles"]
+__all__ = ["AlertRules", "RecentCloses", "latency_budgets_from_profiles"]
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,39 @@ class AlertRules:
         if row.p95_ms <= budget:
             return False
         return AlertLevel.WARN, f"p95 {row.p95_ms:.1f} ms > budget {budget:g} ms"
+
+
+class RecentCloses:
+    """Which ``(device, kind)`` closes were sent in the last ``ttl_s`` seconds, so that not every healthy row of
+    every device asks the store to close three alerts that are not open (a third of the ingest's SQL otherwise).
+
+    An open decision forgets its ``(device, kind)``, so the next healthy row closes it at once. An alert opened
+    elsewhere (another worker on the shared subscription) is closed by the worker that opened it at its next
+    healthy row of that device, or by any worker within ``ttl_s``. At most ``max_entries`` are kept (the memory
+    starts over past it, which only costs repeated closes). Owned by one thread."""
+
+    def __init__(self, ttl_s: float = 60.0, *, max_entries: int = 200_000) -> None:
+        """Raises ValueError for a ttl_s < 0 (0 sends every close) or max_entries < 1."""
+        if not (math.isfinite(ttl_s) and ttl_s >= 0) or max_entries < 1:
+            raise ValueError("ttl_s must be a finite number >= 0 and max_entries >= 1")
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._until: dict[tuple[str, AlertKind], float] = {}
+
+    def needed(self, opens: Sequence[Alert], closes: Sequence[Close], now: float) -> list[Close]:
+        """The ``closes`` worth sending at ``now`` (one rule evaluation's ``opens`` and ``closes``)."""
+        for alert in opens:
+            self._until.pop((alert.device_id, alert.kind), None)
+        out: list[Close] = []
+        for close in closes:
+            key = (close[0], close[1])
+            if self._until.get(key, -math.inf) > now:
+                continue
+            if len(self._until) >= self.max_entries:
+                self._until.clear()
+            self._until[key] = now + self.ttl_s
+            out.append(close)
+        return out
 
 
 def _worst_tensor(drift: Any) -> tuple[str, float] | None:

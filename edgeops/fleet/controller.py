@@ -18,6 +18,9 @@ Guarantees:
 - **One bad message never stops it.** A malformed state is counted by reason and dropped; a store outage is
   logged, and the tick is tried again at the next interval.
 
+Alerts (opened by the ingest workers, offline ones by this controller) are announced on
+``edgeops/v1/{fleet}/alerts`` as ``alert.opened`` / ``alert.closed`` (at least once).
+
 It does not ingest telemetry or events (the ingest workers do) and does not serve releases (the release server
 does); :class:`edgeops.fleet.service.FleetService` puts the three together.
 """
@@ -25,6 +28,7 @@ does); :class:`edgeops.fleet.service.FleetService` puts the three together.
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import secrets
 import threading
@@ -45,7 +49,16 @@ from edgeops.fleet.model import Alert, AlertKind, AlertLevel, Execution, Rollout
 from edgeops.fleet.registry import parse_state
 from edgeops.fleet.rollout_planner import Decision, plan_rollout
 from edgeops.fleet.store import FleetStore, open_store
-from edgeops.protocol import TOPIC_ROOT, BrokerAddress, CommandName, device_target, device_topics, sign_command
+from edgeops.fleet.views import alert_view
+from edgeops.protocol import (
+    TOPIC_ROOT,
+    BrokerAddress,
+    CommandName,
+    alert_topic,
+    device_target,
+    device_topics,
+    sign_command,
+)
 
 __all__ = ["OUTCOME_EVENTS", "FleetController"]
 
@@ -94,6 +107,7 @@ class FleetController:
         self._client: mqtt.Client | None = None
         self._store: FleetStore | None = None
         self._thread: threading.Thread | None = None
+        self._open_alerts: dict[int, Alert] | None = None  # alerts known open, by id (None: not read yet)
         self.counters: Counter[str] = Counter()
 
     # --- lifecycle ------------------------------------------------------------------------------------------
@@ -185,6 +199,7 @@ class FleetController:
         if self.offline_after_s > 0:
             for device_id in store.mark_silent_offline(before=now - self.offline_after_s, at=now):
                 store.open_alert(Alert(device_id, AlertKind.OFFLINE, AlertLevel.WARN, now, "silent"))
+        self._publish_alerts(store, now)
         notes: list[str] = []
         for rollout in store.list_rollouts():
             # finished rollouts still record late outcomes and timeouts (and send back a failed phase's late
@@ -192,6 +207,23 @@ class FleetController:
             if rollout.status.active or now - rollout.updated_at <= rollout.spec.timeout_s + _LATE_GRACE_S:
                 notes += self._advance(store, rollout, now)
         return notes
+
+    def _publish_alerts(self, store: FleetStore, now: float) -> None:
+        """Publish ``alert.opened`` for every alert that opened since the last tick and ``alert.closed`` for every
+        one that closed, on the fleet's alert topic. At least once: a restarted controller announces the alerts
+        open at that moment again. Nothing is published (nor forgotten) while the broker is away."""
+        client = self._client
+        if client is None or not self._connected.is_set():
+            return
+        now_open = {a.alert_id: a for a in store.list_alerts(open_only=True) if a.alert_id is not None}
+        known = self._open_alerts or {}
+        changes = [("alert.opened", a) for i, a in now_open.items() if i not in known]
+        changes += [("alert.closed", replace(a, closed_at=now)) for i, a in known.items() if i not in now_open]
+        topic = alert_topic(self.fleet)
+        for kind, alert in changes:
+            client.publish(topic, json.dumps({"type": kind, "ts": now, **alert_view(alert)}), qos=1)
+        self.counters["alerts_published"] += len(changes)
+        self._open_alerts = now_open
 
     def _require_store(self) -> FleetStore:
         if self._store is None:

@@ -63,7 +63,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edgeops.errors import ConfigError, StorageError, TelemetryRejected
-from edgeops.fleet.alerts import AlertRules, latency_budgets_from_profiles
+from edgeops.fleet.alerts import AlertRules, RecentCloses, latency_budgets_from_profiles
 from edgeops.fleet.ingest import (
     BatchAssembler,
     IngestCounters,
@@ -73,6 +73,7 @@ from edgeops.fleet.ingest import (
     parse_telemetry,
 )
 from edgeops.fleet.model import EventRow, IngestBatch, TelemetryRow
+from edgeops.fleet.store import FleetStore, open_store
 from edgeops.protocol import TOPIC_ROOT, parse_broker_url, validate_segment
 
 __all__ = ["IngestWorker"]
@@ -83,6 +84,7 @@ BACKOFF_MIN_S, BACKOFF_MAX_S = 0.2, 10.0  # between write attempts while the sto
 PROFILE_TTL_S = 60.0  # a device's profile (for latency budgets) is read again after this
 PROFILE_RETRY_S = 5.0  # ... or after this when the device was unknown or the store did not answer
 MAX_PROFILES = 100_000  # cached profiles; the cache starts over past it
+CLOSE_TTL_S = 60.0  # an alert close sent for a (device, kind) is not sent again within this (RecentCloses)
 
 
 @dataclass(frozen=True)
@@ -135,11 +137,12 @@ class IngestWorker:
         self._interval_s = float(batch_interval_s)
         self._limiter = RateLimiter(rate_per_s, burst)
         self._rules = rules
+        self._recent_closes = RecentCloses(CLOSE_TTL_S)
         self._session_expiry_s = session_expiry_s
         self._receive_maximum = receive_maximum
         self._busy_timeout_s = store_busy_timeout_s
         self.counters = IngestCounters()
-        self._store: Any = None  # FleetStore once started
+        self._store: FleetStore | None = None  # once started
         self._profiles: dict[str, tuple[str | None, float]] = {}  # device → (profile, valid until, monotonic)
         self._cond = threading.Condition()  # guards _pending, _in_flight, _stopping
         self._pending: list[_Taken] = []
@@ -155,6 +158,8 @@ class IngestWorker:
         self._sub_mid: int | None = None
         self._store_ok = True
         self._writer: threading.Thread | None = None
+        self._started = False
+        self._stopped = False
         self._writer_failed = False
         self._client = self._make_client(username, password, ca)
 
@@ -180,29 +185,36 @@ class IngestWorker:
     def start(self) -> None:
         """Open the store, start the writer and connect in the background (returns at once).
 
-        Raises StorageError when the store cannot be opened, RuntimeError when started twice."""
-        from edgeops.fleet.store import open_store
-
-        if self._writer is not None:
+        Raises StorageError when the store cannot be opened, RuntimeError when started a second time (a stopped
+        worker does not start again: make a new one with the same ``client_id`` to resume its session)."""
+        if self._started:
             raise RuntimeError("IngestWorker.start() called twice")
+        self._started = True
         if self._rules is None:
             self._rules = AlertRules(latency_budgets_ms=latency_budgets_from_profiles())
-        self._store = open_store(self.store_url, busy_timeout_s=self._busy_timeout_s)
-        self._writer = threading.Thread(target=self._write_loop, name=f"ingest-writer-{self.client_id}", daemon=True)
+        self._store = store = open_store(self.store_url, busy_timeout_s=self._busy_timeout_s)
+        self._writer = threading.Thread(
+            target=self._write_loop, args=(store,), name=f"ingest-writer-{self.client_id}", daemon=True
+        )
         self._writer.start()
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self._session_expiry_s
         props.ReceiveMaximum = self._receive_maximum
-        self._client.connect_async(
-            self._broker.host, self._broker.port, keepalive=30, clean_start=False, properties=props
-        )
-        self._client.loop_start()
+        try:
+            self._client.connect_async(
+                self._broker.host, self._broker.port, keepalive=30, clean_start=False, properties=props
+            )
+            self._client.loop_start()
+        except BaseException:
+            self.stop(flush=False)
+            raise
 
     def stop(self, flush: bool = True, *, timeout: float = 10.0) -> None:
         """Stop taking messages; with ``flush``, commit and acknowledge what is pending (for at most ``timeout``
         seconds, then give up: the rest comes back with the session); disconnect; close the store."""
-        if self._writer is None:
+        if self._writer is None or self._stopped:
             return
+        self._stopped = True
         self._closing = True
         with self._cond:
             self._stopping = True
@@ -214,8 +226,8 @@ class IngestWorker:
             log.error("ingest %s: the writer did not stop; pending messages are left unacknowledged", self.client_id)
         self._client.disconnect()
         self._client.loop_stop()
-        self._store.close()
-        self._writer = None
+        if self._store is not None:
+            self._store.close()
 
     def __enter__(self) -> IngestWorker:
         self.start()
@@ -304,9 +316,9 @@ class IngestWorker:
 
     # -- writer thread ---------------------------------------------------------------------------------------
 
-    def _write_loop(self) -> None:
+    def _write_loop(self, store: FleetStore) -> None:
         try:
-            self._write_until_stopped()
+            self._write_until_stopped(store)
         except Exception:  # a bug: say so loudly; the messages stay unacknowledged and come back to the session
             self._writer_failed = True
             log.exception("ingest %s: the writer failed; nothing more is stored by this worker", self.client_id)
@@ -326,21 +338,21 @@ class IngestWorker:
             self._in_flight = len(taken)
             return taken
 
-    def _write_until_stopped(self) -> None:
+    def _write_until_stopped(self, store: FleetStore) -> None:
         while True:
             taken = self._next_batch()
             if taken is None:
                 return
             if taken:
-                batch = self._assemble(taken)
-                if not self._commit(batch):
+                batch = self._assemble(taken, store)
+                if not self._commit(batch, store):
                     return  # stopping with the store down: left unacknowledged
                 self._ack(taken)
             with self._cond:
                 self._in_flight = 0
                 self._cond.notify_all()
 
-    def _assemble(self, taken: Sequence[_Taken]) -> IngestBatch:
+    def _assemble(self, taken: Sequence[_Taken], store: FleetStore) -> IngestBatch:
         assembler = BatchAssembler()
         rules = self._rules
         now = time.time()
@@ -350,19 +362,19 @@ class IngestWorker:
                 if rules is None:
                     assembler.add_telemetry(row)
                 else:
-                    opens, closes = rules.evaluate(row, profile=self._profile(row.device_id), now=now)
-                    assembler.add_telemetry(row, opens, closes)
+                    opens, closes = rules.evaluate(row, profile=self._profile(row.device_id, store), now=now)
+                    assembler.add_telemetry(row, opens, self._recent_closes.needed(opens, closes, now))
             elif isinstance(row, EventRow):
                 assembler.add_event(row)
         return assembler.build()
 
-    def _profile(self, device_id: str) -> str | None:
+    def _profile(self, device_id: str, store: FleetStore) -> str | None:
         now = time.monotonic()
         cached = self._profiles.get(device_id)
         if cached is not None and cached[1] > now:
             return cached[0]
         try:
-            record = self._store.get_device(device_id)
+            record = store.get_device(device_id)
         except StorageError:
             profile, ttl = (cached[0] if cached else None), PROFILE_RETRY_S
         else:
@@ -373,14 +385,16 @@ class IngestWorker:
         self._profiles[device_id] = (profile, now + ttl)
         return profile
 
-    def _commit(self, batch: IngestBatch) -> bool:
+    def _commit(self, batch: IngestBatch, store: FleetStore) -> bool:
         """Write ``batch``, retrying with backoff while the store is down; False when stopping gave up on it."""
         rows = len(batch.telemetry) + len(batch.events)
+        if not rows:
+            return True  # only messages dropped on purpose: nothing to write, they are acknowledged
         backoff = BACKOFF_MIN_S
         down_since: float | None = None
         while True:
             try:
-                inserted = self._store.write_batch(batch) if rows or batch.seen else (0, 0)
+                inserted = store.write_batch(batch)
             except StorageError as exc:
                 self.counters.add(store_errors=1)
                 if down_since is None:

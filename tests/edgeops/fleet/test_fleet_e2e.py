@@ -26,6 +26,7 @@ from edgeops.release_builder import build_release
 from edgeops.signing import generate_keypair, load_private_key
 from tests.support.artifacts import build_digits, repack
 from tests.support.mosquitto import MosquittoBroker
+from tests.support.subscriber import Collector
 
 pytestmark = pytest.mark.slow
 
@@ -108,7 +109,9 @@ def fleet(tmp_path: Path, digits_dir: Path, keys_dir: Path, mosquitto: Mosquitto
     sim.start()
     pis.start()
     try:
-        yield {"db": db, "service": service, "release": rel.meta.release_id, "late": late}
+        alerts = Collector(mosquitto.host, mosquitto.port, [f"edgeops/v1/{FLEET}/alerts"], client_id="alerts")
+        yield {"db": db, "service": service, "release": rel.meta.release_id, "late": late, "alerts": alerts}
+        alerts.close()
     finally:
         try:
             service.stop()
@@ -134,6 +137,14 @@ def _rollout(db: str, rollout_id: str) -> Any:
     store = _store(db)
     try:
         return store.get_rollout(rollout_id)
+    finally:
+        store.close()
+
+
+def _store_device(db: str, device_id: str) -> Any:
+    store = _store(db)
+    try:
+        return store.get_device(device_id)
     finally:
         store.close()
 
@@ -203,8 +214,10 @@ def test_canary_phases_gate_failure_threshold_and_service_restart(fleet: dict[st
                   "--auto-rollback", "--json", db=db)
     beta = json.loads(out.stdout)["id"]
     wait_for("beta failed", lambda: _rollout(db, beta).status is RolloutStatus.FAILED, timeout=90)
-    ex = wait_for("sim-0010 back on 1.0.0", lambda: _versions(db)["sim-0010"] == "1.0.0" and _executions(db, beta))
-    assert ex["sim-0010"].status is ExecStatus.ROLLED_BACK
+    # (the canary's update may finish after the rollout failed: it is sent back then)
+    ex = wait_for("sim-0010 sent back", lambda: (e := _executions(db, beta))["sim-0010"].status
+                  is ExecStatus.ROLLED_BACK and e, timeout=60)
+    wait_for("sim-0010 on 1.0.0 again", lambda: _versions(db)["sim-0010"] == "1.0.0", timeout=60)
     assert ex["sim-0011"].status is ExecStatus.FAILED
     assert all(ex[f"sim-{i:04d}"].status is ExecStatus.QUEUED and ex[f"sim-{i:04d}"].sent_at is None
                for i in range(12, 20))
@@ -215,10 +228,19 @@ def test_canary_phases_gate_failure_threshold_and_service_restart(fleet: dict[st
     devices = json.loads(edgeops("devices", "list", "--group", "alpha", "--json", db=db).stdout)
     assert len(devices) == 13 and all(d["online"] for d in devices)
 
+    # a device that goes away: the registry shows it offline and the service announces an offline alert
+    fleet["late"].stop()
+    wait_for("late-0000 offline", lambda: not _store_device(db, "late-0000").online, timeout=30)
+    alert = fleet["alerts"].wait_for("/alerts", lambda a: a["type"] == "alert.opened" and a["device_id"] ==
+                                     "late-0000", timeout=30)
+    assert alert["kind"] == "offline"
+
     # `edgeops rollback --group alpha`: every device on 2.0.0 goes back to 1.0.0; the update rollout is aborted
     back = json.loads(edgeops("rollback", "--group", "alpha", "--json", db=db).stdout)
-    assert back["devices"] == 10 and back["superseded"] == [alpha]
-    wait_for("alpha back on 1.0.0", lambda: _rollout(db, back["id"]).status is RolloutStatus.SUCCEEDED, timeout=60)
+    assert back["devices"] == 10 and back["superseded"] == [alpha]  # late-0000 too: it is sent back when it returns
+    ex = wait_for("alpha's online devices back on 1.0.0", lambda: all(
+        (e := _executions(db, back["id"]))[d].status is ExecStatus.SUCCEEDED for d in ok) and e, timeout=60)
+    assert ex["late-0000"].status is ExecStatus.QUEUED
     versions = _versions(db)
-    assert all(versions[d] == "1.0.0" for d in [*ok, "late-0000"])
+    assert all(versions[d] == "1.0.0" for d in ok)
     assert fleet["service"].stop() == 0

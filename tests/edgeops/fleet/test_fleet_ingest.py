@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgeops.errors import TelemetryRejected
-from edgeops.fleet.alerts import AlertRules, latency_budgets_from_profiles
+from edgeops.fleet.alerts import AlertRules, RecentCloses, latency_budgets_from_profiles
 from edgeops.fleet.ingest import (
     MAX_INT,
     MAX_MESSAGE_BYTES,
@@ -459,6 +459,27 @@ def test_a_healthy_row_closes_every_kind_it_can_judge() -> None:
     opens, closes = RULES.evaluate(_row(), profile="rpi4", now=NOW)
     assert opens == []
     assert sorted(k.value for _, k, _ in closes) == ["drift", "error_rate", "latency"]
+
+
+def test_a_healthy_device_asks_to_close_each_kind_once_a_minute_not_every_row() -> None:
+    recent = RecentCloses(ttl_s=60.0)
+    healthy = [("pi-01", k, NOW) for k in (AlertKind.DRIFT, AlertKind.ERROR_RATE, AlertKind.LATENCY)]
+    assert recent.needed([], healthy, NOW) == healthy
+    assert recent.needed([], healthy, NOW + 1) == []  # the next rows: nothing to close again
+    assert recent.needed([], [("pi-02", AlertKind.DRIFT, NOW + 1)], NOW + 1) == [("pi-02", AlertKind.DRIFT, NOW + 1)]
+    drift = Alert("pi-01", AlertKind.DRIFT, AlertLevel.WARN, NOW + 2, "drift warn: image psi 0.12")
+    assert recent.needed([drift], healthy[1:], NOW + 2) == []  # opened here: forgotten ...
+    assert recent.needed([], healthy, NOW + 3) == [healthy[0]]  # ... so the next healthy row closes it at once
+    assert recent.needed([], healthy, NOW + 61) == healthy[1:]  # and any other close is repeated after the ttl
+
+
+def test_recent_closes_are_bounded() -> None:
+    recent = RecentCloses(ttl_s=60.0, max_entries=10)
+    for i in range(100):
+        assert len(recent.needed([], [(f"d{i}", AlertKind.DRIFT, NOW)], NOW)) == 1
+    assert len(recent._until) <= 10
+    with pytest.raises(ValueError):
+        RecentCloses(ttl_s=-1)
 
 
 @pytest.mark.parametrize("kwargs", [{"error_rate": 1.0}, {"error_rate": -0.1}, {"error_rate": math.nan},

@@ -26,6 +26,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgeops.fleet.ingest_worker import IngestWorker
+from edgeops.fleet.model import AlertKind, AlertLevel, DeviceRecord
 from edgeops.fleet.store import FleetStore, open_store
 from tests.support.mosquitto import MosquittoBroker
 
@@ -239,9 +240,61 @@ def test_a_locked_database_is_waited_out_and_nothing_sent_meanwhile_is_lost(
     assert any("store is back" in r.getMessage() for r in caplog.records)
 
 
+def test_stop_commits_and_acknowledges_what_it_holds_unless_told_not_to(
+    mosquitto: MosquittoBroker, publisher: Publisher, db: tuple[str, FleetStore]
+) -> None:
+    path, store = db
+    hold = {**FAST, "batch_interval_s": 60.0, "batch_max": 100_000}  # nothing is written before stop()
+    with running(mosquitto, path, "ingest-stop", **hold) as worker:
+        publisher.send([(topic("dev"), telemetry("dev", seq)) for seq in range(1, 51)])
+        wait_until("50 held", lambda: worker.stats()["received"] == 50)
+        assert store.telemetry_count() == 0
+    assert store.telemetry_count() == 50 and worker.stats()["acked"] == 50  # stop() flushed, then acknowledged
+    with running(mosquitto, path, "ingest-stop", **FAST) as again:
+        time.sleep(0.5)
+        assert again.stats()["received"] == 0  # acknowledged: the broker has nothing to send again
+        worker = IngestWorker(broker_url=mosquitto.url, fleet=FLEET, store_url=path, client_id="ingest-nf", **hold)
+        worker.start()
+        assert worker.wait_connected(10)
+        publisher.send([(topic("dev"), telemetry("dev", seq)) for seq in range(51, 101)])
+        wait_until("the second worker's share", lambda: worker.stats()["received"] > 0)
+        held = settled(lambda: worker.stats()["received"])
+        worker.stop(flush=False)  # a stop without flush: nothing written, nothing acknowledged
+        assert worker.stats()["stored"] == 0 and worker.stats()["acked"] == 0
+        wait_until("the first worker's share", lambda: store.telemetry_count() == 100 - held)
+    with running(mosquitto, path, "ingest-nf", **FAST) as resumed:
+        wait_until("the unflushed ones, sent again", lambda: store.telemetry_count() == 100)
+        assert resumed.wait_idle(10) and resumed.stats()["stored"] == held
+
+
+def test_telemetry_opens_and_closes_alerts_with_the_devices_profile_budget(
+    mosquitto: MosquittoBroker, publisher: Publisher, db: tuple[str, FleetStore]
+) -> None:
+    path, store = db
+    store.put_device(DeviceRecord("pi-01", online=True, last_seen=1.0, profile="rpi4"))  # budget p95 50 ms
+    slow = {"count": 200, "p50": 30.0, "p95": 81.23, "p99": 95.0, "max": 120.0}
+    drift = {"level": "alert", "inputs": {"image": {"psi": 0.31, "level": "alert", "samples": 2560}}, "outputs": {}}
+    with running(mosquitto, path, "ingest-alerts", **FAST) as worker:
+        publisher.send([(topic("pi-01"), telemetry("pi-01", 1, latency_ms=slow, requests=50, errors=6, drift=drift))])
+        wait_until("three alerts", lambda: len(store.list_alerts(device_id="pi-01")) == 3)
+        opened = {a.kind: (a.level, a.detail, a.version) for a in store.list_alerts(device_id="pi-01")}
+        assert opened == {
+            AlertKind.LATENCY: (AlertLevel.WARN, "p95 81.2 ms > budget 50 ms", "1.0.0"),
+            AlertKind.ERROR_RATE: (AlertLevel.ALERT, "error rate 12.0% over 50 requests", "1.0.0"),
+            AlertKind.DRIFT: (AlertLevel.ALERT, "drift alert: image psi 0.31", "1.0.0"),
+        }
+        assert store.get_device("pi-01").last_seen > 1.0  # type: ignore[union-attr]
+        publisher.send([(topic("pi-01"), telemetry("pi-01", 2))])  # healthy again
+        wait_until("every alert closed", lambda: store.list_alerts(device_id="pi-01") == [])
+        assert worker.wait_idle(10)
+    closed = store.list_alerts(open_only=False, device_id="pi-01")
+    assert len(closed) == 3 and all(a.closed_at is not None for a in closed)
+
+
 _CHILD = """
 import json, os, sys, time
 from edgeops.fleet.ingest_worker import IngestWorker
+from edgeops.fleet.model import AlertKind, AlertLevel, DeviceRecord
 url, fleet, store, stats = sys.argv[1:5]
 w = IngestWorker(broker_url=url, fleet=fleet, store_url=store, client_id="crash-a", batch_max=100000,
                  batch_interval_s=60.0, rate_per_s=1e6, burst=1e6)
