@@ -290,10 +290,12 @@ class RateLimiter:
 class IngestCounters:
     """What one ingest worker did since it started; every method is thread-safe.
 
-    ``received`` messages = stored + duplicates + rate_limited + sum(rejected) + still pending (or abandoned at a
-    stop without flush, to be redelivered by the broker)."""
+    Counts are of deliveries: a message the broker sends again after a reconnect is counted again. ``received`` =
+    stored + duplicates + rate_limited + sum(rejected) + redelivery_dropped + still pending (or left at a stop
+    without flush, for the broker to send again)."""
 
-    _NAMES = ("received", "stored", "duplicates", "rate_limited", "batches", "store_errors", "acked")
+    _NAMES = ("received", "stored", "duplicates", "rate_limited", "batches", "store_errors", "acked", "connects",
+              "redelivery_dropped")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -305,6 +307,8 @@ class IngestCounters:
         self.batches = 0  # committed write_batch calls
         self.store_errors = 0  # failed write_batch attempts (each retried)
         self.acked = 0  # PUBACKs sent after a commit
+        self.connects = 0  # connections to the broker (1 + reconnects)
+        self.redelivery_dropped = 0  # taken on a lost connection, not yet written: the broker sends them again
 
     def add(self, **deltas: int) -> None:
         """Add to the named counters (``add(received=1)``); ValueError for an unknown name."""

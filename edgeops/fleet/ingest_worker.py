@@ -22,7 +22,12 @@ Guarantees:
 - **Persistent session.** CONNECT has ``clean_start=False`` and a ``SessionExpiryInterval`` of
   ``session_expiry_s``: a worker that crashes or restarts with the same ``client_id`` within that time gets the
   messages it had not acknowledged again, and those queued for it meanwhile. paho reconnects on its own
-  (1 s → 30 s backoff) and subscribes again on every connect.
+  (1 s → 30 s backoff) and subscribes again on every connect. When the broker says the session resumed, the
+  messages still pending from the lost connection are dropped (the broker sends them again), so the pending list
+  stays within ``receive_maximum`` (plus the batch being written) however often the connection drops.
+- **Alerts.** Each telemetry row is judged by the ``AlertRules`` with the device's profile (``get_device``,
+  cached for 60 s); the batch carries the opens and closes (a close per (device, kind) at most once a minute,
+  see ``alerts.RecentCloses``) and the devices' ``last_seen``.
 - ``stop(flush=True)`` stops taking messages, commits and acknowledges what is pending (until ``timeout``),
   then disconnects; ``stop(flush=False)`` disconnects without writing: what was pending comes back with the
   session.
@@ -273,8 +278,23 @@ class IngestWorker:
         with self._conn_lock:
             self._epoch += 1
             self._session_up = True
+        self.counters.add(connects=1)
+        if flags.session_present:
+            self._drop_redelivered()
         log.info("ingest %s: connected (session present: %s)", self.client_id, flags.session_present)
         _, self._sub_mid = client.subscribe([(f, SubscribeOptions(qos=1)) for f in self.filters])
+
+    def _drop_redelivered(self) -> None:
+        """The session resumed: the broker sends every message it had not had a PUBACK for again, so the ones
+        still pending from a lost connection are dropped (the writer's batch in hand is still written). This keeps
+        the pending list within ``receive_maximum`` however often the connection drops."""
+        with self._cond:
+            kept = [t for t in self._pending if t.qos == 0]
+            dropped = len(self._pending) - len(kept)
+            self._pending = kept
+        if dropped:
+            self.counters.add(redelivery_dropped=dropped)
+            log.info("ingest %s: %d pending messages will come again with the session", self.client_id, dropped)
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
         if mid != self._sub_mid:

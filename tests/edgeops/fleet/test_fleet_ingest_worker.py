@@ -226,7 +226,10 @@ def test_a_locked_database_is_waited_out_and_nothing_sent_meanwhile_is_lost(
             time.sleep(2.5)
             during = worker.stats()
             assert store.telemetry_count() == 10 and during["store_ok"] is False
-            assert during["pending"] <= 100  # the broker holds the rest: no more than receive_maximum unacked
+            # the broker holds the rest: no more than receive_maximum unacknowledged (after a reconnect, plus the
+            # batch in hand from the lost connection)
+            limit = 100 if during["connects"] == 1 else 200
+            assert during["pending"] <= limit, (during, mosquitto.log_path.read_text()[-2000:])
         finally:
             locker.execute("ROLLBACK")
             locker.close()
@@ -244,7 +247,7 @@ def test_stop_commits_and_acknowledges_what_it_holds_unless_told_not_to(
     mosquitto: MosquittoBroker, publisher: Publisher, db: tuple[str, FleetStore]
 ) -> None:
     path, store = db
-    hold = {**FAST, "batch_interval_s": 60.0, "batch_max": 100_000}  # nothing is written before stop()
+    hold: dict[str, Any] = {**FAST, "batch_interval_s": 60.0, "batch_max": 100_000}  # nothing is written before stop()
     with running(mosquitto, path, "ingest-stop", **hold) as worker:
         publisher.send([(topic("dev"), telemetry("dev", seq)) for seq in range(1, 51)])
         wait_until("50 held", lambda: worker.stats()["received"] == 50)
@@ -289,6 +292,32 @@ def test_telemetry_opens_and_closes_alerts_with_the_devices_profile_budget(
         assert worker.wait_idle(10)
     closed = store.list_alerts(open_only=False, device_id="pi-01")
     assert len(closed) == 3 and all(a.closed_at is not None for a in closed)
+
+
+def test_a_broker_restart_is_ridden_out_and_what_was_pending_is_stored_once(
+    tmp_path: Path, db: tuple[str, FleetStore]
+) -> None:
+    path, store = db
+    broker = MosquittoBroker(tmp_path / "persistent-broker", persistence=True)  # sessions survive a restart
+    broker.start()
+    try:
+        hold: dict[str, Any] = {**FAST, "batch_interval_s": 60.0, "batch_max": 100_000}
+        with running(broker, path, "ingest-restart", **hold) as worker:
+            pub = Publisher(broker)
+            pub.send([(topic("dev"), telemetry("dev", seq)) for seq in range(1, 81)])
+            pub.close()
+            wait_until("80 held", lambda: worker.stats()["received"] == 80)
+            broker.restart()  # the connection drops with 80 messages taken and not acknowledged
+            wait_until("the worker back", lambda: worker.stats()["connects"] == 2 and worker.wait_connected(0))
+            wait_until("the 80 sent again", lambda: worker.stats()["received"] == 160)
+            stats = worker.stats()
+            assert stats["redelivery_dropped"] == 80 and stats["pending"] == 80  # not held twice
+        assert store.telemetry_count() == 80 and worker.stats()["acked"] == 80  # flushed at stop, once
+        with running(broker, path, "ingest-restart", **FAST) as again:
+            time.sleep(0.5)
+            assert again.stats()["received"] == 0  # all acknowledged on the new connection
+    finally:
+        broker.stop()
 
 
 _CHILD = """
@@ -353,6 +382,11 @@ def test_a_worker_killed_with_messages_unacknowledged_gets_them_back_on_restart(
     assert {r.seq for r in store.latest_telemetry().values()} == set(range(392, 400))
 
 
+def started(store: FleetStore) -> set[str]:
+    """The devices whose ``agent.started`` event is stored."""
+    return {e.device_id for e in store.events_since(since=0.0, types=["agent.started"])}
+
+
 def test_real_agents_telemetry_and_start_events_land_in_the_store(
     mosquitto: MosquittoBroker, db: tuple[str, FleetStore], tmp_path: Path, digits_dir: Path, keys_dir: Path
 ) -> None:
@@ -369,8 +403,7 @@ def test_real_agents_telemetry_and_start_events_land_in_the_store(
         with sim:
             wait_until("two telemetry rows of every agent", lambda: all(rows_of(store, d) >= 2 for d in ids),
                        timeout=30)
-            wait_until("every agent's start event",
-                       lambda: {e.device_id for e in store.events_since(since=0.0, types=["agent.started"])} >= set(ids))
+            wait_until("every agent's start event", lambda: started(store) >= set(ids))
         assert worker.wait_idle(10)
         stats = worker.stats()
     latest = store.latest_telemetry(ids)
