@@ -1066,7 +1066,7 @@ def fleet_size(ctx: Ctx, n: int) -> dict[str, Any]:
     sampler.set_group("broker", [broker_pid(broker)])
     sims: Sims = []
     service = ServiceProc(work, broker=broker.url, db=db, releases=ctx.work / "releases", key=ctx.arts.command_key,
-                          workers=ctx.args.workers, rate=5.0, burst=20.0)  # fleet serve's defaults
+                          workers=ctx.args.workers, rate=ctx.args.rate, burst=4 * ctx.args.rate)  # as fleet serve
     out: dict[str, Any] = {"agents": n}
     try:
         service.start()
@@ -1251,7 +1251,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "config": {"sizes": args.sizes, "duration_s": args.duration, "interval_s": args.interval,
                    "per_process": args.per_process, "ingest_workers": args.workers,
                    "ingest_messages": args.ingest_messages, "ingest_devices": args.ingest_devices,
-                   "chunk_size": args.chunk_size, "latency_budget_factor": args.latency_budget_factor,
+                   "chunk_size": args.chunk_size, "rate_per_s": args.rate, "burst": 4 * args.rate,
+                   "rollout_timeout_s": args.rollout_timeout, "latency_budget_factor": args.latency_budget_factor,
                    "broker_max_queued_messages": {"fleet": FLEET_BROKER_QUEUE, "ingest": "backlog + 10 %"},
                    "profile": PROFILE, "quick": args.quick},
     }
@@ -1288,6 +1289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--per-process", type=int, default=PER_PROCESS,
                    help=f"most agents per FleetSim process (default {PER_PROCESS}: see PER_PROCESS)")
     p.add_argument("--workers", type=int, default=2, help="the service's ingest workers (default 2, as fleet serve)")
+    p.add_argument("--rate", type=float, default=5.0,
+                   help="the service's per-device rate limit, msg/s, burst 4x (default 5: `fleet serve --rate`)")
     p.add_argument("--ingest-messages", type=int, default=200_000, help="backlog of the ingest part (default 200k)")
     p.add_argument("--ingest-devices", type=int, default=1000, help="devices the backlog comes from (default 1000)")
     p.add_argument("--ingest-timeout", type=float, default=600.0, help="longest drain (s)")

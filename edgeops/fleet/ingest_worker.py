@@ -421,11 +421,9 @@ class IngestWorker:
                     down_since = time.monotonic()
                     self._store_ok = False
                     log.error("ingest %s: the store is unavailable, retrying with backoff: %s", self.client_id, exc)
-                with self._cond:
-                    if self._stopping and (not self._flush_on_stop or time.monotonic() >= self._stop_deadline):
-                        log.warning("ingest %s: stopping with %d messages unstored", self.client_id, rows)
-                        return False
-                    self._cond.wait(min(backoff, max(0.0, self._stop_deadline - time.monotonic())))
+                if not self._wait_to_retry(backoff):
+                    log.warning("ingest %s: stopping with %d messages unstored", self.client_id, rows)
+                    return False
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
                 continue
             if down_since is not None:
@@ -434,6 +432,19 @@ class IngestWorker:
             stored = sum(inserted)
             self.counters.add(batches=1, stored=stored, duplicates=rows - stored)
             return True
+
+    def _wait_to_retry(self, delay: float) -> bool:
+        """Sleep ``delay`` seconds (new messages do not cut it short); False: stopping, give the batch up."""
+        until = time.monotonic() + delay
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                if self._stopping and (not self._flush_on_stop or now >= self._stop_deadline):
+                    return False
+                end = min(until, self._stop_deadline)
+                if now >= end:
+                    return True
+                self._cond.wait(end - now)
 
     def _ack(self, taken: Sequence[_Taken]) -> None:
         """PUBACK every committed message taken on the current connection, in order."""

@@ -294,6 +294,30 @@ def test_telemetry_opens_and_closes_alerts_with_the_devices_profile_budget(
     assert len(closed) == 3 and all(a.closed_at is not None for a in closed)
 
 
+def test_a_stop_while_the_database_is_locked_gives_up_in_time_and_loses_nothing(
+    mosquitto: MosquittoBroker, publisher: Publisher, db: tuple[str, FleetStore]
+) -> None:
+    path, store = db
+    kw: dict[str, Any] = {**FAST, "store_busy_timeout_s": 0.2}
+    worker = IngestWorker(broker_url=mosquitto.url, fleet=FLEET, store_url=path, client_id="ingest-giveup", **kw)
+    worker.start()
+    assert worker.wait_connected(10)
+    locker = sqlite3.connect(path, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        publisher.send([(topic("dev"), telemetry("dev", seq)) for seq in range(1, 21)])
+        wait_until("the worker to meet the lock", lambda: worker.stats()["store_errors"] >= 1)
+        t0 = time.monotonic()
+        worker.stop(timeout=1.0)  # flush, but not forever: the service's stop must not hang on a dead store
+        assert time.monotonic() - t0 < 4.0
+        assert worker.stats()["acked"] == 0 and worker.stats()["stored"] == 0
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    with running(mosquitto, path, "ingest-giveup", **kw):
+        wait_until("the 20 sent again", lambda: store.telemetry_count() == 20)
+
+
 def test_a_broker_restart_is_ridden_out_and_what_was_pending_is_stored_once(
     tmp_path: Path, db: tuple[str, FleetStore]
 ) -> None:
