@@ -40,9 +40,11 @@ messages).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import secrets
 import shutil
 import signal
 import sqlite3
@@ -52,8 +54,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,9 +64,10 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from edgeops.errors import EdgeopsError  # noqa: E402
 from edgeops.fleet.deployments import deploy  # noqa: E402
 from edgeops.fleet.model import Approval, DeviceRecord, ExecStatus, RolloutSpec  # noqa: E402
-from edgeops.fleet.store import open_store  # noqa: E402
+from edgeops.fleet.store import FleetStore, open_store  # noqa: E402
 from edgeops.release import PayloadKind  # noqa: E402
 from edgeops.release_builder import PublishedRelease, build_release  # noqa: E402
 from edgeops.signing import generate_keypair, load_private_key  # noqa: E402
@@ -85,7 +88,7 @@ FLEET_BROKER_QUEUE = 100_000
 # pair, spool and nonce SQLite files with their -wal/-shm, its lock file), and paho's network loop uses
 # select(), which cannot watch a descriptor >= 1024 (FD_SETSIZE): past ~100 agents in one process the later agents'
 # sockets get such numbers and they reconnect forever without ever connecting (measured: 101 of 250 came online).
-PER_PROCESS = 80
+PER_PROCESS = 25  # fewer threads per GIL (6 per agent): at 1,000 agents 25 per process fared better than 80
 STATUS_S = 0.25  # the service child writes its status this often (the peers too, fixed in PEER_RUNNER)
 SAMPLE_S = 1.0  # /proc sampling period of the fleet part
 SETTLE_S = 5.0  # after every agent is online, before the measured window
@@ -278,6 +281,12 @@ def proc_mem_mb(pid: int) -> dict[str, float] | None:
     return out
 
 
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine spent busy since boot (all cores; /proc/stat less idle and iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / CLK_TCK
+
+
 def mem_available_mb() -> float:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemAvailable:"):
@@ -292,6 +301,7 @@ class Sample:
     rss_mb: dict[str, float]
     pss_mb: dict[str, float]
     mem_available_mb: float
+    machine_busy_s: float
 
 
 class Sampler:
@@ -327,7 +337,7 @@ class Sampler:
             mems = [m for pid in pids if (m := proc_mem_mb(pid)) is not None]
             rss[name] = sum(m.get("VmRSS", 0.0) for m in mems)
             pss[name] = sum(m.get("Pss", 0.0) for m in mems)
-        s = Sample(time.time(), cpu, rss, pss, mem_available_mb())
+        s = Sample(time.time(), cpu, rss, pss, mem_available_mb(), machine_busy_s())
         with self._lock:
             self.samples.append(s)
         return s
@@ -350,9 +360,11 @@ class Sampler:
                 "rss_mb_peak": round(max(s.rss_mb.get(name, 0.0) for s in inside), 1),
                 "pss_mb_peak": round(max(s.pss_mb.get(name, 0.0) for s in inside), 1),
             }
-        out["machine_mem_used_mb_peak"] = round(
-            self.total_mb - min(s.mem_available_mb for s in inside), 1
-        )
+        out["machine_mem_used_mb_peak"] = round(self.total_mb - min(s.mem_available_mb for s in inside), 1)
+        busy = (b.machine_busy_s - a.machine_busy_s) / (b.t - a.t)
+        ours = sum(b.cpu_s[k] - a.cpu_s.get(k, 0.0) for k in b.cpu_s) / (b.t - a.t)
+        out["machine_busy_cores"] = round(busy, 2)
+        out["other_processes_cores"] = round(max(0.0, busy - ours), 2)  # other jobs on the machine, and the kernel
         return out
 
     @property
@@ -459,7 +471,7 @@ def log_tail(path: Path, lines: int = 15) -> str:
 class ServiceProc:
     """The fleet service in a child process (SERVICE_RUNNER) with its status file."""
 
-    def __init__(self, workdir: Path, *, broker: str, db: Path, releases: Path, key: Path, workers: int,
+    def __init__(self, workdir: Path, *, broker: str, db: Path | str, releases: Path, key: Path, workers: int,
                  rate: float, burst: float) -> None:
         self.workdir = workdir
         self.status_path = workdir / "service.status.json"
@@ -557,18 +569,23 @@ def preload(broker: MosquittoBroker, devices: Sequence[str], messages: int) -> d
     client.connect(broker.host, broker.port)
     client.loop_start()
     t0 = time.monotonic()
-    infos = []
+    outstanding: deque[Any] = deque()  # paho's message ids are 16 bits: keep well under 65,535 unacknowledged
+
+    def settle(keep: int) -> None:
+        while len(outstanding) > keep:
+            info = outstanding.popleft()
+            info.wait_for_publish(timeout=120)
+            if not info.is_published():
+                raise BenchError("the broker did not acknowledge a preloaded message within 120 s")
+
     try:
         now = time.time()
         for i in range(messages):
             device = devices[i % len(devices)]
-            seq = i // len(devices) + 1
             topic = f"edgeops/v1/{FLEET}/device/{device}/telemetry"
-            infos.append(client.publish(topic, telemetry_payload(device, seq, now), qos=1))
-        for info in infos:
-            info.wait_for_publish(timeout=120)
-            if not info.is_published():
-                raise BenchError("the broker did not acknowledge a preloaded message within 120 s")
+            outstanding.append(client.publish(topic, telemetry_payload(device, i // len(devices) + 1, now), qos=1))
+            settle(20_000)
+        settle(0)
     finally:
         client.disconnect()
         client.loop_stop()
@@ -589,17 +606,23 @@ def drain_figures(samples: list[dict[str, Any]], expected: int, key: str) -> dic
     rows = b[key] - a[key]
     return {"rows": rows, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "rows_per_s": round(rows / wall),
             "cores_used": round(cpu / wall, 2), "rows_per_cpu_s": round(rows / cpu),
-            "broker_cpu_s": round(b["broker_cpu_s"] - a["broker_cpu_s"], 2)}
+            "broker_cpu_s": round(b["broker_cpu_s"] - a["broker_cpu_s"], 2),
+            "machine_busy_cores": round((b["machine_busy_s"] - a["machine_busy_s"]) / wall, 2)}
 
 
-def drain_service(service: ServiceProc, broker: MosquittoBroker, expected: int, timeout: float) -> dict[str, Any]:
+def drain_service(service: ServiceProc, broker: MosquittoBroker, expected: int, timeout: float,
+                  store_cpu: Callable[[], float] | None = None) -> dict[str, Any]:
+    """Start the service and time its drain of ``expected`` queued messages; ``store_cpu``: CPU seconds of the
+    database server's processes serving it (PostgreSQL), read before and at the end."""
     broker_cpu0 = proc_cpu_s(broker_pid(broker)) or 0.0  # the broker idles until a consumer connects
+    busy0 = machine_busy_s()
+    store_cpu0 = store_cpu() if store_cpu else 0.0
     service.start()
     first = read_json(service.status_path.with_name(service.status_path.name + ".start"))
     if first is None:
         raise BenchError("the service wrote no start status")
     samples: list[dict[str, Any]] = [{"t": first["t"], "cpu_s": first["cpu_s"], "received": 0, "stored": 0,
-                                      "broker_cpu_s": broker_cpu0}]
+                                      "broker_cpu_s": broker_cpu0, "machine_busy_s": busy0}]
     peak_rss = 0.0
     deadline = time.monotonic() + timeout
     last_t = 0.0
@@ -609,10 +632,12 @@ def drain_service(service: ServiceProc, broker: MosquittoBroker, expected: int, 
             last_t = doc["t"]
             totals = ingest_totals(doc)
             samples.append({"t": doc["t"], "cpu_s": doc["cpu_s"], "received": totals.get("received", 0),
-                            "stored": totals.get("stored", 0), "broker_cpu_s": proc_cpu_s(broker_pid(broker)) or 0.0})
+                            "stored": totals.get("stored", 0), "broker_cpu_s": proc_cpu_s(broker_pid(broker)) or 0.0,
+                            "machine_busy_s": machine_busy_s()})
             mem = proc_mem_mb(service.pid)
             peak_rss = max(peak_rss, mem.get("VmRSS", 0.0) if mem else 0.0)
             if totals.get("stored", 0) >= expected:
+                store_cpu1 = store_cpu() if store_cpu else 0.0
                 break
         if time.monotonic() > deadline:
             raise BenchError(f"the service stored {samples[-1]['stored'] if samples else 0} of {expected} in "
@@ -622,6 +647,10 @@ def drain_service(service: ServiceProc, broker: MosquittoBroker, expected: int, 
     figures = drain_figures(samples, expected, "stored")
     figures["counters"] = ingest_totals(final)
     figures["rss_mb_peak"] = round(peak_rss, 1)
+    if store_cpu is not None:
+        figures["store_server_cpu_s"] = round(store_cpu1 - store_cpu0, 2)
+        figures["rows_per_cpu_s_with_store_server"] = round(
+            figures["rows"] / (figures["cpu_s"] + store_cpu1 - store_cpu0))
     return figures
 
 
@@ -636,6 +665,7 @@ def run_peer(kind: str, broker: MosquittoBroker, work: Path, db: Path, mode: str
     samples: list[dict[str, Any]] = []
     peak_rss = 0.0
     broker_cpu0 = proc_cpu_s(broker_pid(broker)) or 0.0  # the broker idles until a consumer connects
+    busy0 = machine_busy_s()
     with log.open("ab") as out:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
     deadline = time.monotonic() + timeout
@@ -644,7 +674,8 @@ def run_peer(kind: str, broker: MosquittoBroker, work: Path, db: Path, mode: str
         doc = read_json(status)
         if doc is not None and doc["t"] != last_t:
             last_t = doc["t"]
-            samples.append({**doc, "broker_cpu_s": proc_cpu_s(broker_pid(broker)) or 0.0})
+            samples.append({**doc, "broker_cpu_s": proc_cpu_s(broker_pid(broker)) or 0.0,
+                            "machine_busy_s": machine_busy_s()})
             mem = proc_mem_mb(proc.pid)
             peak_rss = max(peak_rss, mem.get("VmRSS", 0.0) if mem else 0.0)
         if time.monotonic() > deadline:
@@ -657,14 +688,14 @@ def run_peer(kind: str, broker: MosquittoBroker, work: Path, db: Path, mode: str
         raise BenchError(f"the {kind} peer failed ({proc.returncode}): {log_tail(log)}")
     if mode != "drain":
         return {}
-    samples = [{**start, "broker_cpu_s": broker_cpu0}, *samples, {**doc, "broker_cpu_s": proc_cpu_s(broker_pid(
-        broker)) or 0.0}]
+    samples = [{**start, "broker_cpu_s": broker_cpu0, "machine_busy_s": busy0}, *samples,
+               {**doc, "broker_cpu_s": proc_cpu_s(broker_pid(broker)) or 0.0, "machine_busy_s": machine_busy_s()}]
     figures = drain_figures(samples, expected, "stored")
     figures["rss_mb_peak"] = round(peak_rss, 1)
     return figures
 
 
-def register_devices(db: Path, devices: Sequence[str]) -> None:
+def register_devices(db: Path | str, devices: Sequence[str]) -> None:
     """Record ``devices`` online in a fleet store (so the alert rules find each one's profile, as live)."""
     store = open_store(str(db))
     try:
@@ -682,6 +713,65 @@ def rows_in(db: Path) -> int:
         return int(conn.execute("SELECT COUNT(*) FROM telemetry").fetchone()[0])
     finally:
         conn.close()
+
+
+@contextlib.contextmanager
+def pg_database(server: str) -> Iterator[tuple[str, str]]:
+    """A new empty database on the PostgreSQL server at ``server`` (``postgresql://user@host:port``), dropped
+    afterwards: (its URL, its name). BenchError when no server answers."""
+    try:
+        import psycopg
+    except ImportError as exc:
+        raise BenchError(f"PostgreSQL part: psycopg is not installed ({exc})") from None
+    try:
+        admin = psycopg.connect(f"{server}/postgres", autocommit=True, connect_timeout=3)
+    except psycopg.Error as exc:
+        raise BenchError(f"PostgreSQL part: no server at {server}: {str(exc).strip()}") from None
+    name = f"edgeops_fleet_bench_{secrets.token_hex(4)}"
+    admin.execute(f"CREATE DATABASE {name}")
+    try:
+        yield f"{server}/{name}", name
+    finally:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()
+
+
+def pg_cpu_probe(server: str, name: str) -> Callable[[], float]:
+    """CPU seconds of the PostgreSQL processes that serve database ``name``: its backends and the server's shared
+    writers (WAL writer, checkpointer, background writer); read from /proc (the server runs on this machine)."""
+
+    def probe() -> float:
+        import psycopg
+
+        with psycopg.connect(f"{server}/postgres", autocommit=True, connect_timeout=3) as conn:
+            pids = conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s OR backend_type IN "
+                                "('walwriter', 'checkpointer', 'background writer')", (name,)).fetchall()
+        return sum(c for (pid,) in pids if (c := proc_cpu_s(int(pid))) is not None)
+
+    return probe
+
+
+def ingest_postgres(ctx: Ctx, broker: MosquittoBroker, work: Path, devices: Sequence[str],
+                    rate: float) -> dict[str, Any]:
+    """The same drain into PostgreSQL: a fresh database, the service's sessions (empty by now) preloaded again."""
+    n_msg = ctx.args.ingest_messages
+    with pg_database(ctx.args.pg) as (url, name):
+        register_devices(url, devices)
+        pg_work = work / "pg"
+        pg_work.mkdir(exist_ok=True)
+        service = ServiceProc(pg_work, broker=broker.url, db=url, releases=work / "releases", key=ctx.arts.command_key,
+                              workers=ctx.args.workers, rate=rate, burst=rate)
+        say(f"ingest: preloading {n_msg} more messages for the service on PostgreSQL")
+        pre = preload(broker, devices, n_msg)
+        figures = drain_service(service, broker, n_msg, ctx.args.ingest_timeout, pg_cpu_probe(ctx.args.pg, name))
+        store = open_store(url)
+        try:
+            figures["rows_in_store"] = store.telemetry_count()
+        finally:
+            store.close()
+    figures["preload_s"] = pre["seconds"]
+    figures["server"] = ctx.args.pg
+    return figures
 
 
 PEERS = ("naive", "unbatched")
@@ -717,10 +807,16 @@ def part_ingest(ctx: Ctx) -> dict[str, Any]:
             figures[kind] = run_peer(kind, broker, work, dbs[kind], "drain", n_msg, ctx.args.ingest_timeout)
         for kind, db in dbs.items():
             figures[kind]["rows_in_store"] = rows_in(db)
+        if ctx.args.pg:
+            try:
+                figures["service_postgresql"] = ingest_postgres(ctx, broker, work, devices, rate)
+            except (BenchError, EdgeopsError) as exc:
+                say(f"ingest: PostgreSQL not measured: {exc}")
+                figures["service_postgresql"] = {"error": str(exc)}
     finally:
         broker.stop()
     edge = figures["service"]
-    say("ingest: " + ", ".join(f"{k} {f['rows_per_cpu_s']} rows per CPU s" for k, f in figures.items()))
+    say("ingest: " + ", ".join(f"{k} {f.get('rows_per_cpu_s')} rows per CPU s" for k, f in figures.items()))
     return {
         "measured": "a backlog queued at the broker for each consumer, drained by one consumer at a time",
         "preload": pre,
@@ -781,51 +877,36 @@ def wait_sims_ready(sims: Sequence[tuple[subprocess.Popen[bytes], Path, Path]], 
         time.sleep(0.5)
 
 
-def online_count(db: Path) -> int:
-    store = open_store(str(db))
-    try:
-        return len(store.list_devices(online=True))
-    finally:
-        store.close()
-
-
-def wait_online(db: Path, n: int, timeout: float) -> None:
+def wait_online(store: FleetStore, n: int, timeout: float) -> int:
+    """Devices online in the store once all ``n`` are, or after ``timeout`` s (fewer: the size is measured as it
+    is, and said so)."""
     deadline = time.monotonic() + timeout
-    while (got := online_count(db)) < n:
-        if time.monotonic() > deadline:
-            raise BenchError(f"{got} of {n} devices online in the store after {timeout:g} s")
+    while (got := len(store.list_devices(online=True))) < n and time.monotonic() < deadline:
         time.sleep(1.0)
+    return got
 
 
 OTA_EVENTS = ("ota.started", "ota.downloaded", "ota.completed", "install.succeeded", "ota.failed", "install.rejected")
 
 
-def follow_rollout(db: Path, rollout_id: str, n: int, timeout: float) -> tuple[list[Any], Any]:
+def follow_rollout(store: FleetStore, rollout_id: str, n: int, timeout: float) -> tuple[list[Any], Any]:
     """Poll the store until every execution of the rollout is terminal (or ``timeout``); (executions, rollout)."""
-    store = open_store(str(db))
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            execs = store.list_executions(rollout_id)
-            if len(execs) == n and all(e.status.terminal for e in execs):
-                break
-            if time.monotonic() > deadline:
-                say(f"rollout not terminal within {timeout:g} s: {dict(Counter(str(e.status) for e in execs))}")
-                break
-            time.sleep(0.5)
-        return execs, store.get_rollout(rollout_id)
-    finally:
-        store.close()
+    deadline = time.monotonic() + timeout
+    while True:
+        execs = store.list_executions(rollout_id)
+        if len(execs) == n and all(e.status.terminal for e in execs):
+            break
+        if time.monotonic() > deadline:
+            say(f"rollout not terminal within {timeout:g} s: {dict(Counter(str(e.status) for e in execs))}")
+            break
+        time.sleep(0.5)
+    return execs, store.get_rollout(rollout_id)
 
 
-def ota_timeline(db: Path, t_deploy: float) -> dict[str, Any]:
+def ota_timeline(store: FleetStore, t_deploy: float) -> dict[str, Any]:
     """Per OTA event type: devices that reported it after the deploy, and when (s after the deploy: min, median,
     max of each device's first one)."""
-    store = open_store(str(db))
-    try:
-        events = store.events_since(since=t_deploy, types=OTA_EVENTS)
-    finally:
-        store.close()
+    events = store.events_since(since=t_deploy, types=OTA_EVENTS)
     first: dict[str, dict[str, float]] = {}
     for e in events:
         first.setdefault(e.type, {}).setdefault(e.device_id, e.ts - t_deploy)
@@ -838,27 +919,23 @@ def ota_timeline(db: Path, t_deploy: float) -> dict[str, Any]:
     return out
 
 
-def rollout(ctx: Ctx, db: Path, service: ServiceProc, n: int) -> dict[str, Any]:
+def rollout(ctx: Ctx, store: FleetStore, service: ServiceProc, n: int) -> dict[str, Any]:
     """Approve the release, deploy it to the group (one phase), follow it; the release server's counters."""
     rel = ctx.release
     if rel is None:
         raise BenchError("no release was built")
     delta = next(p for p in rel.meta.payloads if p.kind is PayloadKind.DELTA)
-    store = open_store(str(db))
-    try:
-        deadline = time.monotonic() + 30
-        while store.get_release(rel.meta.release_id) is None:
-            if time.monotonic() > deadline:
-                raise BenchError(f"the service did not register {rel.meta.release_id}")
-            time.sleep(0.2)
-        store.set_approval(rel.meta.release_id, Approval.APPROVED, by="fleet_bench", at=time.time())
-        spec = RolloutSpec(phases=(1.0,), max_failures=1.0, timeout_s=ctx.args.rollout_timeout)
-        t_deploy = time.time()
-        dep = deploy(store, release_id=rel.meta.release_id, group=GROUP, spec=spec, now=t_deploy)
-    finally:
-        store.close()
+    deadline = time.monotonic() + 30
+    while store.get_release(rel.meta.release_id) is None:
+        if time.monotonic() > deadline:
+            raise BenchError(f"the service did not register {rel.meta.release_id}")
+        time.sleep(0.2)
+    store.set_approval(rel.meta.release_id, Approval.APPROVED, by="fleet_bench", at=time.time())
+    spec = RolloutSpec(phases=(1.0,), max_failures=1.0, timeout_s=ctx.args.rollout_timeout)
+    t_deploy = time.time()
+    dep = deploy(store, release_id=rel.meta.release_id, group=GROUP, spec=spec, now=t_deploy)
     say(f"fleet {n}: deployed {rel.meta.release_id} to {dep.devices} devices ({len(dep.skipped)} skipped)")
-    execs, final = follow_rollout(db, dep.rollout.rollout_id, n, ctx.args.rollout_timeout + 60)
+    execs, final = follow_rollout(store, dep.rollout.rollout_id, n, ctx.args.rollout_timeout + 60)
     status = service.status()
     per = status["releases"]["per_payload"]
     d = per.get(delta.id, {})
@@ -883,7 +960,7 @@ def rollout(ctx: Ctx, db: Path, service: ServiceProc, n: int) -> dict[str, Any]:
         "rollout_status": str(final.status) if final else None,
         "converged": statuses.get("succeeded", 0) == n,
         "converge_s": round(max(e.updated_at for e in execs) - t_deploy, 2) if execs else None,
-        "timeline": ota_timeline(db, t_deploy),
+        "timeline": ota_timeline(store, t_deploy),
         "controller": status.get("controller"),
         "t_deploy": t_deploy,
     }
@@ -1068,18 +1145,25 @@ def fleet_size(ctx: Ctx, n: int) -> dict[str, Any]:
     service = ServiceProc(work, broker=broker.url, db=db, releases=ctx.work / "releases", key=ctx.arts.command_key,
                           workers=ctx.args.workers, rate=ctx.args.rate, burst=4 * ctx.args.rate)  # as fleet serve
     out: dict[str, Any] = {"agents": n}
+    store: FleetStore | None = None
     try:
         service.start()
+        # one store for every read and write here, opened while the machine is idle: open_store takes SQLite's
+        # write lock (ensure_schema), which under a busy ingest can take longer than a busy timeout to get
+        store = open_store(str(db), busy_timeout_s=120.0)
         sampler.set_group("service", [service.pid])
         sampler.start()
         mem_before, t_start = mem_available_mb(), time.time()
         sims = start_sims(ctx, n, broker.url, agents, work / "sim-logs")
         sampler.set_group("agents", [p.pid for p, _, _ in sims])
         start_s = wait_sims_ready(sims, 120 + 1.5 * n)
-        wait_online(db, n, 120)
-        out["start"] = {"processes": len(sims), "all_online_s": round(time.time() - t_start, 1),
+        online = wait_online(store, n, 60 + 0.1 * n)
+        out["start"] = {"processes": len(sims), "online": online, "all_online_s": round(time.time() - t_start, 1),
                         "per_process_start_s": [round(x, 1) for x in start_s]}
-        say(f"fleet {n}: {n} agents online in {out['start']['all_online_s']} s ({len(sims)} processes)")
+        say(f"fleet {n}: {online} of {n} agents online after {out['start']['all_online_s']} s ({len(sims)} processes)")
+        if online < n:
+            ctx.notes.append(f"fleet {n}: only {online} of {n} agents online {out['start']['all_online_s']} s after "
+                             f"the start; measured as it was, no rollout")
         time.sleep(SETTLE_S)
         tel = out["telemetry"] = telemetry_window(ctx, service, sampler, sims, n, mem_before)
         res = tel["resources"]
@@ -1089,8 +1173,8 @@ def fleet_size(ctx: Ctx, n: int) -> dict[str, Any]:
         tel["broker_log"] = broker_log_counts(broker.log_path, tel["t0"], tel["t1"])
         say(f"fleet {n}: before the rollout: sent {tel['loss_before_rollout']['sent']}, lost "
             f"{tel['loss_before_rollout']['lost']}")
-        if not ctx.args.no_rollout:
-            r = out["rollout"] = rollout(ctx, db, service, n)
+        if not ctx.args.no_rollout and online == n:
+            r = out["rollout"] = rollout(ctx, store, service, n)
             r["resources"] = sampler.window(r["t_deploy"], time.time())
             r["broker_log"] = broker_log_counts(broker.log_path, r["t_deploy"], time.time())
             say(f"fleet {n}: rollout {r['statuses']} in {r['converge_s']} s; {r['chunks_published']} publishes for "
@@ -1105,6 +1189,8 @@ def fleet_size(ctx: Ctx, n: int) -> dict[str, Any]:
         say(f"fleet {n}: in all sent {out['loss']['sent']}, stored {out['loss']['stored']}, lost {out['loss']['lost']}")
     finally:
         sampler.stop()
+        if store is not None:
+            store.close()
         for proc, _, _ in sims:
             if proc.poll() is None:
                 stop_process(proc, 60)
@@ -1134,7 +1220,7 @@ def part_fleet(ctx: Ctx, sizes: Sequence[int]) -> dict[str, Any]:
         say(f"fleet {n}: starting")
         try:
             out[str(n)] = fleet_size(ctx, n)
-        except BenchError as exc:
+        except (BenchError, EdgeopsError) as exc:
             say(f"fleet {n} not measured: {exc}")
             out[str(n)] = {"agents": n, "error": str(exc)}
     return out
@@ -1192,11 +1278,18 @@ def print_table(results: dict[str, Any]) -> None:
     if isinstance(ing, dict) and "service" in ing:
         print(f"  {'consumer':<30} {'rows/s':>8} {'cores':>6} {'rows/CPU s':>11} {'broker CPU s':>13} {'stored':>9}")
         names = {"service": f"edgeops service ({ing['workers']} workers)", "naive": "naive: INSERT+COMMIT each",
-                 "unbatched": "unbatched: service rows, 1 tx"}
+                 "unbatched": "unbatched: service rows, 1 tx", "service_postgresql": "edgeops service, PostgreSQL"}
         for key, name in names.items():
-            f = ing[key]
+            f = ing.get(key)
+            if not isinstance(f, dict) or "rows_per_s" not in f:
+                print(f"  {name:<30} not measured: {f.get('error') if isinstance(f, dict) else 'skipped'}")
+                continue
             print(f"  {name:<30} {f['rows_per_s']:>8} {f['cores_used']:>6} {f['rows_per_cpu_s']:>11} "
                   f"{f['broker_cpu_s']:>13} {f['rows_in_store']:>9}")
+        pg = ing.get("service_postgresql") or {}
+        if "store_server_cpu_s" in pg:
+            print(f"  PostgreSQL server CPU {pg['store_server_cpu_s']} s: {pg['rows_per_cpu_s_with_store_server']} "
+                  "rows per CPU s of service + server")
         print(f"  service per core / peer: {ing['ratio_per_core']}; wall: {ing['ratio_wall']}")
     elif isinstance(ing, dict):
         print(f"  not measured: {ing.get('error')}")
@@ -1260,7 +1353,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         say("part ingest")
         try:
             results["ingest"] = part_ingest(ctx)
-        except BenchError as exc:
+        except (BenchError, EdgeopsError) as exc:
             say(f"part ingest not measured: {exc}")
             results["ingest"] = {"error": str(exc)}
     if "fleet" not in args.skip:
@@ -1293,6 +1386,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="the service's per-device rate limit, msg/s, burst 4x (default 5: `fleet serve --rate`)")
     p.add_argument("--ingest-messages", type=int, default=200_000, help="backlog of the ingest part (default 200k)")
     p.add_argument("--ingest-devices", type=int, default=1000, help="devices the backlog comes from (default 1000)")
+    p.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432", metavar="URL",
+                   help="PostgreSQL server for the ingest part's PostgreSQL drain (a database is created and dropped; "
+                        "'' to skip; default the tests' postgresql://postgres@127.0.0.1:5432)")
     p.add_argument("--ingest-timeout", type=float, default=600.0, help="longest drain (s)")
     p.add_argument("--chunk-size", type=int, default=2048,
                    help="the release's chunk size (default 2048: the ~56 kB delta spans tens of chunks)")

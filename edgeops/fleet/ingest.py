@@ -39,6 +39,7 @@ from edgeops.protocol import TOPIC_ROOT, validate_segment
 
 __all__ = [
     "DRIFT_LEVELS",
+    "MAX_INT",
     "MAX_MESSAGE_BYTES",
     "BatchAssembler",
     "IngestCounters",
@@ -244,10 +245,18 @@ def parse_event(device_id: str, payload: bytes | bytearray, *, received_at: floa
 class RateLimiter:
     """A token bucket per device: ``burst`` messages at once, then ``rate_per_s`` sustained.
 
+    The bucket refills by the time that passed on the fleet's clock *or* on the device's own clock (the ``ts`` of
+    its messages), whichever moved more, with the device's clock counted only while it rises and is not ahead of
+    the fleet's by more than ``max_skew_s``. So an agent that flushes a day of spooled telemetry after an outage
+    (messages minutes apart in its own time, arriving in a burst) is not cut, while one that sends too often
+    now is. A device that lies about its clock escapes the limit within that bound; the broker's own limits
+    (queue, message rate) are the backstop.
+
     At most ``max_devices`` buckets are kept; the least recently seen device is forgotten first (it starts again
     with a full bucket). Owned by one thread (not locked)."""
 
-    def __init__(self, rate_per_s: float, burst: float, *, max_devices: int = 100_000) -> None:
+    def __init__(self, rate_per_s: float, burst: float, *, max_devices: int = 100_000,
+                 max_skew_s: float = 60.0) -> None:
         """Raises ValueError for a rate <= 0, a burst < 1 or max_devices < 1 (or non-finite values)."""
         if not (math.isfinite(rate_per_s) and rate_per_s > 0):
             raise ValueError(f"rate_per_s must be a finite number > 0, got {rate_per_s}")
@@ -258,22 +267,32 @@ class RateLimiter:
         self.rate_per_s = float(rate_per_s)
         self.burst = float(burst)
         self.max_devices = max_devices
-        self._buckets: OrderedDict[str, list[float]] = OrderedDict()  # device → [tokens, last refill time]
+        self.max_skew_s = max_skew_s
+        # device → [tokens, last refill time, last device clock seen (or -inf)]
+        self._buckets: OrderedDict[str, list[float]] = OrderedDict()
 
-    def allow(self, device_id: str, now: float) -> bool:
-        """Take one token from ``device_id``'s bucket at time ``now`` (seconds, any monotonic clock)."""
+    def allow(self, device_id: str, now: float, *, device_ts: float | None = None, wall: float | None = None) -> bool:
+        """Take one token from ``device_id``'s bucket at time ``now`` (seconds, any monotonic clock).
+
+        ``device_ts`` is the message's own timestamp (device clock, Unix seconds) and ``wall`` the fleet's Unix
+        time it was received at; without them only ``now`` refills the bucket."""
+        trusted = device_ts is not None and wall is not None and device_ts <= wall + self.max_skew_s
         bucket = self._buckets.get(device_id)
         if bucket is None:
             if len(self._buckets) >= self.max_devices:
                 self._buckets.popitem(last=False)
-            bucket = [self.burst, now]
+            bucket = [self.burst, now, -math.inf]
             self._buckets[device_id] = bucket
         else:
             self._buckets.move_to_end(device_id)
-            elapsed = now - bucket[1]
+            elapsed = max(0.0, now - bucket[1])
+            bucket[1] = max(bucket[1], now)
+            if trusted and math.isfinite(bucket[2]) and device_ts is not None and device_ts > bucket[2]:
+                elapsed = max(elapsed, device_ts - bucket[2])
             if elapsed > 0:
                 bucket[0] = min(self.burst, bucket[0] + elapsed * self.rate_per_s)
-                bucket[1] = now
+        if trusted and device_ts is not None:
+            bucket[2] = max(bucket[2], device_ts)
         if bucket[0] >= 1.0:
             bucket[0] -= 1.0
             return True

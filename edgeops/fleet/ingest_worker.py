@@ -319,12 +319,13 @@ class IngestWorker:
         row: TelemetryRow | EventRow | None = None
         try:
             kind, device_id = classify_topic(self.fleet, message.topic)
-            if not self._limiter.allow(device_id, time.monotonic()):
+            wall = time.time()
+            parse = parse_telemetry if kind == "telemetry" else parse_event
+            row = parse(device_id, message.payload, received_at=wall)
+            # after parsing: the limiter reads the device's own clock, so a spool flushed after an outage passes
+            if not self._limiter.allow(device_id, time.monotonic(), device_ts=row.ts, wall=wall):
                 self.counters.add(rate_limited=1)
-            elif kind == "telemetry":
-                row = parse_telemetry(device_id, message.payload, received_at=time.time())
-            else:
-                row = parse_event(device_id, message.payload, received_at=time.time())
+                row = None
         except TelemetryRejected as exc:
             self.counters.reject(exc.reason)
             log.debug("ingest %s: %s", self.client_id, exc)

@@ -101,13 +101,13 @@ def running(broker: MosquittoBroker, store_url: str, client_id: str, **kw: Any) 
     worker = IngestWorker(broker_url=broker.url, fleet=FLEET, store_url=store_url, client_id=client_id, **kw)
     worker.start()
     try:
-        assert worker.wait_connected(10), "the worker did not subscribe"
+        assert worker.wait_connected(30), "the worker did not subscribe"
         yield worker
     finally:
         worker.stop()
 
 
-def wait_until(what: str, check: Callable[[], Any], timeout: float = 20.0) -> Any:
+def wait_until(what: str, check: Callable[[], Any], timeout: float = 60.0) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = check()
@@ -142,11 +142,9 @@ def test_two_workers_share_the_stream_and_store_every_message_once(
     devices = [f"dev-{i:02d}" for i in range(40)]
     messages = [(topic(d), telemetry(d, seq)) for seq in range(1, 51) for d in devices]  # 2,000, interleaved
     with running(mosquitto, path, "ingest-a", **FAST) as a, running(mosquitto, path, "ingest-b", **FAST) as b:
-        t0 = time.monotonic()
         publisher.send(messages)
         wait_until("2,000 rows", lambda: store.telemetry_count() == 2000)
-        elapsed = time.monotonic() - t0
-        assert a.wait_idle(10) and b.wait_idle(10)
+        assert a.wait_idle(30) and b.wait_idle(30)
         sa, sb = a.stats(), b.stats()
     assert store.telemetry_count() == 2000  # nothing lost, nothing twice (the key is (device, seq))
     assert sa["stored"] > 0 and sb["stored"] > 0  # the broker dealt the stream over both workers
@@ -155,7 +153,6 @@ def test_two_workers_share_the_stream_and_store_every_message_once(
     latest = store.latest_telemetry()
     assert sorted(latest) == devices and {r.seq for r in latest.values()} == {50}
     assert {(r.p95_ms, r.drift_psi_max, r.model_version) for r in latest.values()} == {(0.63, 0.021, "1.0.0")}
-    logging.getLogger(__name__).info("2,000 messages through two workers in %.2f s", elapsed)
 
 
 def test_bad_payloads_are_counted_by_reason_and_the_ingest_goes_on(
@@ -180,7 +177,7 @@ def test_bad_payloads_are_counted_by_reason_and_the_ingest_goes_on(
     with running(mosquitto, path, "ingest-bad", **FAST) as worker:
         publisher.send(good + bad + more + [event])
         wait_until("every good message", lambda: store.telemetry_count() == 20 and store.recent_events())
-        assert worker.wait_idle(10)
+        assert worker.wait_idle(30)
         stats = worker.stats()
     assert stats["rejected"] == {"malformed": 3, "oversized": 2, "device-mismatch": 2, "topic": 1}
     assert stats["received"] == 29 and stats["stored"] == 21 and stats["acked"] == 29  # the bad ones dropped too
@@ -193,18 +190,20 @@ def test_a_flooding_device_is_rate_limited_and_the_others_are_all_stored(
 ) -> None:
     path, store = db
     others = [f"calm-{i}" for i in range(10)]
-    flood = [(topic("flood"), telemetry("flood", seq)) for seq in range(1, 501)]
+    now = time.time()  # a device sending too often now: its own clock says 1 ms apart (a spool flush would not)
+    flood = [(topic("flood"), telemetry("flood", seq, ts=now + seq * 0.001)) for seq in range(1, 501)]
     calm = [(topic(d), telemetry(d, seq)) for seq in range(1, 6) for d in others]
     with running(mosquitto, path, "ingest-flood", rate_per_s=5.0, burst=20.0) as worker:
         t0 = time.monotonic()
         publisher.send(flood[:250] + calm + flood[250:])
         wait_until("every message taken", lambda: worker.stats()["received"] == 550)
         elapsed = time.monotonic() - t0
-        assert worker.wait_idle(10)
+        assert worker.wait_idle(30)
         stats = worker.stats()
     stored_flood = rows_of(store, "flood")
     assert all(rows_of(store, d) == 5 for d in others)  # nobody else paid for the flood
-    assert 20 <= stored_flood <= 20 + 5 * elapsed + 1  # the burst, then 5 per second
+    # the burst, then 5 per second of the fleet's clock or of the device's own (0.5 s over the flood)
+    assert 20 <= stored_flood <= 20 + 5 * max(elapsed, 0.5) + 1
     assert stats["rate_limited"] == 500 - stored_flood and stats["stored"] == 50 + stored_flood
 
 
@@ -234,7 +233,7 @@ def test_a_locked_database_is_waited_out_and_nothing_sent_meanwhile_is_lost(
             locker.execute("ROLLBACK")
             locker.close()
         wait_until("everything sent during the outage", lambda: store.telemetry_count() == 300)
-        assert worker.wait_idle(10)
+        assert worker.wait_idle(30)
         after = worker.stats()
     assert after["store_ok"] is True and after["stored"] == 300 and after["acked"] == 300
     assert 3 <= during["store_errors"] <= 12  # backoff (0.2 s doubling), not a hot loop
@@ -258,7 +257,7 @@ def test_stop_commits_and_acknowledges_what_it_holds_unless_told_not_to(
         assert again.stats()["received"] == 0  # acknowledged: the broker has nothing to send again
         worker = IngestWorker(broker_url=mosquitto.url, fleet=FLEET, store_url=path, client_id="ingest-nf", **hold)
         worker.start()
-        assert worker.wait_connected(10)
+        assert worker.wait_connected(30)
         publisher.send([(topic("dev"), telemetry("dev", seq)) for seq in range(51, 101)])
         wait_until("the second worker's share", lambda: worker.stats()["received"] > 0)
         held = settled(lambda: worker.stats()["received"])
@@ -267,7 +266,7 @@ def test_stop_commits_and_acknowledges_what_it_holds_unless_told_not_to(
         wait_until("the first worker's share", lambda: store.telemetry_count() == 100 - held)
     with running(mosquitto, path, "ingest-nf", **FAST) as resumed:
         wait_until("the unflushed ones, sent again", lambda: store.telemetry_count() == 100)
-        assert resumed.wait_idle(10) and resumed.stats()["stored"] == held
+        assert resumed.wait_idle(30) and resumed.stats()["stored"] == held
 
 
 def test_telemetry_opens_and_closes_alerts_with_the_devices_profile_budget(
@@ -289,7 +288,7 @@ def test_telemetry_opens_and_closes_alerts_with_the_devices_profile_budget(
         assert store.get_device("pi-01").last_seen > 1.0  # type: ignore[union-attr]
         publisher.send([(topic("pi-01"), telemetry("pi-01", 2))])  # healthy again
         wait_until("every alert closed", lambda: store.list_alerts(device_id="pi-01") == [])
-        assert worker.wait_idle(10)
+        assert worker.wait_idle(30)
     closed = store.list_alerts(open_only=False, device_id="pi-01")
     assert len(closed) == 3 and all(a.closed_at is not None for a in closed)
 
@@ -301,7 +300,7 @@ def test_a_stop_while_the_database_is_locked_gives_up_in_time_and_loses_nothing(
     kw: dict[str, Any] = {**FAST, "store_busy_timeout_s": 0.2}
     worker = IngestWorker(broker_url=mosquitto.url, fleet=FLEET, store_url=path, client_id="ingest-giveup", **kw)
     worker.start()
-    assert worker.wait_connected(10)
+    assert worker.wait_connected(30)
     locker = sqlite3.connect(path, isolation_level=None)
     locker.execute("BEGIN EXCLUSIVE")
     try:
@@ -377,7 +376,7 @@ def test_a_worker_killed_with_messages_unacknowledged_gets_them_back_on_restart(
             except (OSError, ValueError):
                 return {}
 
-        wait_until("the child worker to subscribe", lambda: child_stats().get("connected"), timeout=30)
+        wait_until("the child worker to subscribe", lambda: child_stats().get("connected"), timeout=60)
         first = [(topic(f"dev-{i % 8}"), telemetry(f"dev-{i % 8}", i)) for i in range(200)]
         publisher.send(first)
         wait_until("the child to hold all 200", lambda: child_stats().get("received") == 200)
@@ -394,12 +393,12 @@ def test_a_worker_killed_with_messages_unacknowledged_gets_them_back_on_restart(
         publisher.send(second)
         wait_until("the live worker's share", lambda: other.stats()["received"] >= 50)
         settled(lambda: other.stats()["received"])
-        assert other.wait_idle(10)
+        assert other.wait_idle(30)
         while_dead = store.telemetry_count()
         assert 0 < while_dead < 200 and other.stats()["stored"] == while_dead
         with running(mosquitto, path, "crash-a", **FAST) as back:  # the same client id: the session resumes
             wait_until("all 400", lambda: store.telemetry_count() == 400)
-            assert back.wait_idle(10) and other.wait_idle(10)
+            assert back.wait_idle(30) and other.wait_idle(30)
             resumed = back.stats()
     assert resumed["stored"] == 400 - while_dead  # the 200 it held, and its queued share of the second 200
     assert resumed["duplicates"] == 0
@@ -426,9 +425,9 @@ def test_real_agents_telemetry_and_start_events_land_in_the_store(
         ids = [d.device_id for d in sim.devices]
         with sim:
             wait_until("two telemetry rows of every agent", lambda: all(rows_of(store, d) >= 2 for d in ids),
-                       timeout=30)
+                       timeout=60)
             wait_until("every agent's start event", lambda: started(store) >= set(ids))
-        assert worker.wait_idle(10)
+        assert worker.wait_idle(30)
         stats = worker.stats()
     latest = store.latest_telemetry(ids)
     assert sorted(latest) == ids
