@@ -39,6 +39,7 @@ from edgeops.protocol import TOPIC_ROOT, validate_segment
 
 __all__ = [
     "DRIFT_LEVELS",
+    "MAX_DEPTH",
     "MAX_INT",
     "MAX_MESSAGE_BYTES",
     "BatchAssembler",
@@ -48,6 +49,7 @@ __all__ = [
     "classify_topic",
     "parse_event",
     "parse_telemetry",
+    "too_deep",
 ]
 
 MAX_MESSAGE_BYTES = 64 * 1024  # a telemetry or event payload; larger ones are "oversized"
@@ -98,6 +100,23 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+MAX_DEPTH = 16  # nesting of a stored payload (the agent's is 4 deep); deeper ones could not be encoded again
+
+
+def too_deep(doc: Any, limit: int = MAX_DEPTH) -> bool:
+    """Whether ``doc`` nests lists/objects more than ``limit`` deep (iterative: no recursion of its own)."""
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
+
+
 def _load(device_id: str, payload: bytes | bytearray, what: str) -> dict[str, Any]:
     if not isinstance(payload, (bytes, bytearray)):
         raise TypeError(f"payload must be bytes, got {type(payload).__name__}")
@@ -109,6 +128,8 @@ def _load(device_id: str, payload: bytes | bytearray, what: str) -> dict[str, An
         raise _reject(RejectReason.MALFORMED, f"{device_id}: {what} is not JSON") from None
     if not isinstance(doc, dict):
         raise _reject(RejectReason.MALFORMED, f"{device_id}: {what} is not a JSON object")
+    if too_deep(doc):
+        raise _reject(RejectReason.MALFORMED, f"{device_id}: {what} nests deeper than {MAX_DEPTH} levels")
     named = doc.get("device", device_id)
     if named != device_id:
         raise _reject(RejectReason.DEVICE_MISMATCH, f"{what} on {device_id}'s topic names {str(named)[:64]!r}")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgeops.errors import TelemetryRejected
+from edgeops.fleet.ingest import MAX_DEPTH, too_deep
 from edgeops.fleet.model import DeviceRecord
 from edgeops.protocol import validate_segment
 
@@ -73,6 +74,8 @@ def parse_state(device_id: str, payload: bytes, *, received_at: float) -> StateU
         raise TelemetryRejected("malformed", f"{device_id}: state is not JSON") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("online"), bool):
         raise TelemetryRejected("malformed", f"{device_id}: state is not an object with a boolean 'online'")
+    if too_deep(doc):
+        raise TelemetryRejected("malformed", f"{device_id}: state nests deeper than {MAX_DEPTH} levels")
     if doc.get("device", device_id) != device_id:
         raise TelemetryRejected("device-mismatch", f"state on {device_id}'s topic names {doc.get('device')!r}")
     if not doc["online"]:

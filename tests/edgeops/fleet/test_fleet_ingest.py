@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -145,7 +146,6 @@ MALFORMED: list[tuple[str, bytes]] = [
     ("Infinity literal", b'{"seq": 1, "ts": 1, "interval_s": Infinity}'),
     ("overflowing float", b'{"seq": 1, "ts": 1e400}'),
     ("overflowing int as float", b'{"seq": 1, "ts": 1, "latency_ms": {"p95": ' + b"9" * 400 + b"}}"),
-    ("deep nesting", b'{"seq": 1, "ts": 1, "x": ' + b"[" * 30000 + b"]" * 30000 + b"}"),
     ("truncated", raw(telemetry())[:-7]),
     ("missing seq", raw({k: v for k, v in telemetry().items() if k != "seq"})),
     ("null seq", raw(telemetry(seq=None))),
@@ -179,6 +179,21 @@ MALFORMED: list[tuple[str, bytes]] = [
 @pytest.mark.parametrize(("what", "payload"), MALFORMED, ids=[m[0] for m in MALFORMED])
 def test_every_malformed_telemetry_shape_is_rejected_as_malformed(what: str, payload: bytes) -> None:
     assert reason_of("pi-01", payload) == "malformed"
+
+
+def test_deep_nesting_is_rejected_whatever_the_recursion_limit() -> None:
+    """Deep nesting is refused by its depth, not by json's recursion guard (TensorFlow raises the interpreter's
+    recursion limit, and a payload parsed that deep could not be encoded again for the store)."""
+    limit = sys.getrecursionlimit()
+    try:
+        sys.setrecursionlimit(100_000)
+        for payload in (b'{"seq": 1, "ts": 1, "x": ' + b"[" * 3000 + b"]" * 3000 + b"}",
+                        b'{"seq": 1, "ts": 1, "x": ' + b'{"a": ' * 20 + b"1" + b"}" * 20 + b"}"):
+            with pytest.raises(TelemetryRejected, match="nests deeper than 16"):
+                parse_telemetry("pi-01", payload, received_at=NOW)
+    finally:
+        sys.setrecursionlimit(limit)
+    assert reason_of("pi-01", b'{"seq": 1, "ts": 1, "x": ' + b"[" * 30000 + b"]" * 30000 + b"}") == "malformed"
 
 
 def test_the_rejection_says_which_field_is_wrong() -> None:
