@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,7 +62,6 @@ class ServiceConfig:
     username: str | None = None
     password: str | None = None
     ca_certs: Path | None = None
-    instance: str = field(default_factory=lambda: f"{int(time.time()) % 100000:05d}")
 
 
 class FleetService:

@@ -17,7 +17,7 @@ import pytest
 from edgeops.fleet.http_server import DashboardServer
 from edgeops.fleet.model import Alert, AlertKind, AlertLevel, ExecStatus, IngestBatch
 from edgeops.fleet.store import FleetStore, open_store
-from tests.edgeops.fleet.test_fleet_views import RELEASE, ROLLOUT, TELEMETRY_POINTS, Fleet, fill_fleet
+from tests.support.fleet_data import RELEASE, ROLLOUT, TELEMETRY_POINTS, Fleet, fill_fleet
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, ConsoleMessage, Page, Response

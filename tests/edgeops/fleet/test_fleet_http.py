@@ -21,7 +21,7 @@ from edgeops.fleet.http_server import DashboardRoutes, DashboardServer, parse_li
 from edgeops.fleet.metrics import build_registry
 from edgeops.fleet.model import ExecStatus
 from edgeops.fleet.store import FleetStore, open_store
-from tests.edgeops.fleet.test_fleet_views import RELEASE, ROLLOUT, TELEMETRY_POINTS, Fleet, fill_fleet
+from tests.support.fleet_data import RELEASE, ROLLOUT, TELEMETRY_POINTS, Fleet, fill_fleet
 
 GRAFANA = Path(__file__).resolve().parents[3] / "examples" / "grafana" / "edgeops-fleet.json"
 COUNTERS = {"stored": 41.0, "rejected": 2.0, "rate_limited": 0.0}
