@@ -155,7 +155,7 @@ class FleetService:
                 log.info("telemetry compacted: %s", stats)
 
     def counters(self) -> Mapping[str, float]:
-        """Ingest counters summed over the workers, plus the controller's (for /metrics and the summary)."""
+        """Ingest counters summed over the workers, plus the controller's and the release server's (for /metrics)."""
         total: dict[str, float] = {}
         for worker in self.workers:
             for key, value in _flat(worker.stats()).items():
@@ -163,6 +163,9 @@ class FleetService:
         if self.controller is not None:
             for key, value in self.controller.counters.items():
                 total[f"controller_{key}"] = float(value)
+        if self.releases is not None:  # chunks published, resends, repair requests: passes, not devices
+            for key, value in _flat(self.releases.stats()).items():
+                total[f"releases_{key}"] = value
         return total
 
     def stop(self) -> None:

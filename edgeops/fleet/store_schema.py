@@ -253,11 +253,27 @@ class PostgresDatabase:
         self._conn.close()
 
 
+def _stored_version(db: Database) -> int | None:
+    """The schema version, read without taking the write lock (None when there is no schema yet)."""
+    db.begin(write=False)
+    try:
+        rows = db.execute("SELECT version FROM schema_version").fetchall()
+        db.commit()
+    except db.errors:
+        db.rollback()
+        return None
+    return max(int(r[0]) for r in rows) if rows else None
+
+
 def ensure_schema(db: Database) -> None:
-    """Creates the schema when missing, in one transaction, and checks its version.
+    """Creates the schema when missing, in one transaction, and checks its version. A database already at this
+    version is only read (no write lock: opening a store never waits for a busy ingest).
 
     Raises StorageError when the database holds a newer schema version than this edgeops knows; the database's
     own errors (``db.errors``) otherwise."""
+    found_version = _stored_version(db)
+    if found_version == SCHEMA_VERSION:
+        return
     db.begin(write=True)
     try:
         if db.dialect.name == "postgresql":

@@ -557,3 +557,19 @@ def test_postgresql_unknown_database_and_reconnect(pg_database: str) -> None:
             s.write_batch(IngestBatch(telemetry=(tel("pi-01", 2, 2.0),)))
         assert s.write_batch(IngestBatch(telemetry=(tel("pi-01", 2, 2.0),))) == (1, 0)  # the next try reconnects
         assert s.telemetry_count() >= 1
+
+
+def test_opening_a_store_does_not_wait_for_a_busy_writer(tmp_path: Path) -> None:
+    """The dashboard, the CLI and housekeeping open the store while ingest writes: opening an existing store
+    only reads its schema version, so another connection's write lock does not make it fail."""
+    path = tmp_path / "fleet.db"
+    open_store(path).close()
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    try:
+        store = open_store(path, busy_timeout_s=0.2)
+        assert store.list_devices() == []
+        store.close()
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
