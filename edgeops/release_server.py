@@ -36,10 +36,10 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edgeops.errors import ReleaseRejected, TransportError
+from edgeops.mqtt_client import new_mqtt_client
 from edgeops.protocol import BrokerAddress, ota_request_filter, release_topics, validate_segment
 from edgeops.release import OtaReason, Payload, RepairRequest, encode_chunk, parse_repair
 from edgeops.release_builder import PublishedRelease
@@ -200,15 +200,9 @@ class ReleaseServer:
     # --- paho callbacks (network thread) -----------------------------------------------------------------
 
     def _new_client(self) -> mqtt.Client:
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
         username, password, ca_certs = self._auth
-        if self.broker.tls:
-            try:
-                client.tls_set(ca_certs=str(ca_certs) if ca_certs else None)
-            except (OSError, ValueError) as exc:
-                raise TransportError(f"cannot set up TLS with CA {ca_certs}: {exc}") from exc
-        if username:
-            client.username_pw_set(username, password)
+        client = new_mqtt_client(self.client_id, tls=self.broker.tls, ca_certs=ca_certs, username=username,
+                                 password=password)
         client.max_inflight_messages_set(self.max_inflight)
         client.reconnect_delay_set(*_RECONNECT_DELAY_S)
         client.on_connect, client.on_disconnect = self._on_connect, self._on_disconnect

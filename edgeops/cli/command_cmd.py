@@ -140,17 +140,10 @@ def connect(args: argparse.Namespace, broker: BrokerAddress, client_id: str, lin
 
     Raises TransportError when TLS cannot be set up or the broker cannot be reached.
     """
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
+    from edgeops.mqtt_client import new_mqtt_client
 
-    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-    if broker.tls:
-        try:
-            client.tls_set(ca_certs=str(args.ca) if args.ca else None)
-        except (OSError, ValueError) as exc:  # missing or unreadable CA file
-            raise TransportError(f"cannot set up TLS with CA {args.ca}: {exc}") from exc
-    if args.username:
-        client.username_pw_set(args.username, args.password)
+    client = new_mqtt_client(client_id, tls=broker.tls, ca_certs=args.ca, username=args.username,
+                             password=args.password)
     client.on_connect, client.on_subscribe, client.on_message = link.on_connect, link.on_subscribe, link.on_message
     try:
         client.connect(broker.host, broker.port, keepalive=30)

@@ -41,7 +41,6 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edgeops.errors import StorageError, TelemetryRejected, TransportError
@@ -50,6 +49,7 @@ from edgeops.fleet.registry import parse_state
 from edgeops.fleet.rollout_planner import Decision, plan_rollout
 from edgeops.fleet.store import FleetStore, open_store
 from edgeops.fleet.views import alert_view
+from edgeops.mqtt_client import new_mqtt_client
 from edgeops.protocol import (
     TOPIC_ROOT,
     BrokerAddress,
@@ -150,15 +150,9 @@ class FleetController:
     # --- paho (network thread): queue only ------------------------------------------------------------------
 
     def _new_client(self) -> mqtt.Client:
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
         username, password, ca_certs = self._auth
-        if self.broker.tls:
-            try:
-                client.tls_set(ca_certs=str(ca_certs) if ca_certs else None)
-            except (OSError, ValueError) as exc:
-                raise TransportError(f"cannot set up TLS with CA {ca_certs}: {exc}") from exc
-        if username:
-            client.username_pw_set(username, password)
+        client = new_mqtt_client(self.client_id, tls=self.broker.tls, ca_certs=ca_certs, username=username,
+                                 password=password)
         client.max_inflight_messages_set(1000)
         client.reconnect_delay_set(*_RECONNECT_DELAY_S)
         client.on_connect, client.on_disconnect, client.on_message = self._on_connect, self._on_disconnect, self._on_msg

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import logging
 import math
-import ssl
 import threading
 import time
 from collections.abc import Sequence
@@ -61,13 +60,12 @@ from types import TracebackType
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from edgeops.errors import ConfigError, StorageError, TelemetryRejected
+from edgeops.errors import StorageError, TelemetryRejected
 from edgeops.fleet.alerts import AlertRules, RecentCloses, latency_budgets_from_profiles
 from edgeops.fleet.ingest import (
     BatchAssembler,
@@ -79,6 +77,7 @@ from edgeops.fleet.ingest import (
 )
 from edgeops.fleet.model import EventRow, IngestBatch, TelemetryRow
 from edgeops.fleet.store import FleetStore, open_store
+from edgeops.mqtt_client import new_mqtt_client
 from edgeops.protocol import TOPIC_ROOT, parse_broker_url, validate_segment
 
 __all__ = ["IngestWorker"]
@@ -126,7 +125,7 @@ class IngestWorker:
         store_busy_timeout_s: float = 5.0,
     ) -> None:
         """Configure (nothing connects before :meth:`start`). ``rules`` None: the default rules with every
-        profile's latency budget. Raises ValueError for a bad URL, fleet, share group or limit; ConfigError
+        profile's latency budget. Raises ValueError for a bad URL, fleet, share group or limit; TransportError
         when the CA file cannot be loaded."""
         self._broker = parse_broker_url(broker_url)
         self.fleet = validate_segment(fleet, "fleet")
@@ -169,15 +168,9 @@ class IngestWorker:
         self._client = self._make_client(username, password, ca)
 
     def _make_client(self, username: str | None, password: str | None, ca: Path | None) -> mqtt.Client:
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
+        client = new_mqtt_client(self.client_id, tls=self._broker.tls, ca_certs=ca, username=username,
+                                 password=password)
         client.manual_ack_set(True)
-        if username:
-            client.username_pw_set(username, password or None)
-        if self._broker.tls:
-            try:
-                client.tls_set(ca_certs=str(ca) if ca else None)
-            except (OSError, ssl.SSLError, ValueError) as exc:
-                raise ConfigError(f"ingest worker TLS: cannot load the CA file {ca}: {exc}") from exc
         client.reconnect_delay_set(1, 30)
         client.on_connect = self._on_connect
         client.on_subscribe = self._on_subscribe

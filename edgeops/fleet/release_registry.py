@@ -11,7 +11,7 @@ artifact's sha256, was verified). It does not publish anything on the broker (th
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SyncResult:
-    releases: tuple[PublishedRelease, ...]  # every readable release of the fleet in the release store
+    releases: tuple[PublishedRelease, ...]  # every readable release of the fleet in the store, but those skipped
     added: tuple[str, ...]  # release ids recorded for the first time
     errors: tuple[str, ...]  # one line per release directory that could not be read
 
@@ -79,9 +79,15 @@ def record_of(rel: PublishedRelease) -> ReleaseRecord:
 
 
 def sync_releases(
-    store: FleetStore, release_dir: Path, *, fleet: str, trusted: Sequence[Ed25519PublicKey] | None = None
+    store: FleetStore,
+    release_dir: Path,
+    *,
+    fleet: str,
+    trusted: Sequence[Ed25519PublicKey] | None = None,
+    skip: Collection[str] = (),
 ) -> SyncResult:
-    """Record the releases of ``fleet`` in ``release_dir`` that the fleet store does not know yet.
+    """Record the releases of ``fleet`` in ``release_dir`` that the fleet store does not know yet. Release
+    directories named in ``skip`` (release ids already read) are not read again.
 
     Raises StorageError when the fleet store is down."""
     from edgeops.release_builder import SIGNED_NAME, load_release
@@ -89,7 +95,7 @@ def sync_releases(
     found: list[PublishedRelease] = []
     errors: list[str] = []
     if release_dir.is_dir():
-        for d in sorted(p for p in release_dir.iterdir() if (p / SIGNED_NAME).is_file()):
+        for d in sorted(p for p in release_dir.iterdir() if p.name not in skip and (p / SIGNED_NAME).is_file()):
             try:
                 found.append(load_release(d, trusted))
             except (OSError, EdgeopsError) as exc:

@@ -118,10 +118,11 @@ class FleetService:
             self.dashboard.start()
 
     def _sync(self) -> list[Any]:
+        """The releases of the release store not served yet, registered in the fleet store."""
         store = open_store(self.config.db)
         try:
             result = sync_releases(store, self.config.release_dir, fleet=self.config.fleet,
-                                   trusted=self.config.trusted_release_keys)
+                                   trusted=self.config.trusted_release_keys, skip=self._served)
         finally:
             store.close()
         for line in result.errors:

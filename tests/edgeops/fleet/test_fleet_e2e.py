@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from edgeops.signing import generate_keypair, load_private_key
 from tests.support.artifacts import build_digits, repack
 from tests.support.mosquitto import MosquittoBroker
 from tests.support.subscriber import Collector
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -41,16 +42,6 @@ def edgeops(*args: str, db: str, check: bool = True) -> subprocess.CompletedProc
     if check and done.returncode != 0:
         raise AssertionError(f"edgeops {' '.join(args)} → {done.returncode}: {done.stderr}{done.stdout}")
     return done
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 90.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Service:

@@ -29,6 +29,7 @@ from edgeops.fleet.ingest_worker import IngestWorker
 from edgeops.fleet.model import AlertKind, AlertLevel, DeviceRecord
 from edgeops.fleet.store import FleetStore, open_store
 from tests.support.mosquitto import MosquittoBroker
+from tests.support.waiting import wait_for
 
 FLEET = "ingest"
 ROOT = Path(__file__).resolve().parents[3]
@@ -107,16 +108,6 @@ def running(broker: MosquittoBroker, store_url: str, client_id: str, **kw: Any) 
         worker.stop()
 
 
-def wait_until(what: str, check: Callable[[], Any], timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def settled(value: Callable[[], Any], quiet_s: float = 0.5, timeout: float = 10.0) -> Any:
     """``value()`` once it has not changed for ``quiet_s`` seconds."""
     deadline = time.monotonic() + timeout
@@ -143,7 +134,7 @@ def test_two_workers_share_the_stream_and_store_every_message_once(
     messages = [(topic(d), telemetry(d, seq)) for seq in range(1, 51) for d in devices]  # 2,000, interleaved
     with running(mosquitto, path, "ingest-a", **FAST) as a, running(mosquitto, path, "ingest-b", **FAST) as b:
         publisher.send(messages)
-        wait_until("2,000 rows", lambda: store.telemetry_count() == 2000)
+        wait_for("2,000 rows", lambda: store.telemetry_count() == 2000)
         assert a.wait_idle(30) and b.wait_idle(30)
         sa, sb = a.stats(), b.stats()
     assert store.telemetry_count() == 2000  # nothing lost, nothing twice (the key is (device, seq))
@@ -176,7 +167,7 @@ def test_bad_payloads_are_counted_by_reason_and_the_ingest_goes_on(
                                                  "ts": 1.0, "version": "0.1.0"}).encode())
     with running(mosquitto, path, "ingest-bad", **FAST) as worker:
         publisher.send(good + bad + more + [event])
-        wait_until("every good message", lambda: store.telemetry_count() == 20 and store.recent_events())
+        wait_for("every good message", lambda: store.telemetry_count() == 20 and store.recent_events())
         assert worker.wait_idle(30)
         stats = worker.stats()
     assert stats["rejected"] == {"malformed": 3, "oversized": 2, "device-mismatch": 2, "topic": 1}
@@ -196,7 +187,7 @@ def test_a_flooding_device_is_rate_limited_and_the_others_are_all_stored(
     with running(mosquitto, path, "ingest-flood", rate_per_s=5.0, burst=20.0) as worker:
         t0 = time.monotonic()
         publisher.send(flood[:250] + calm + flood[250:])
-        wait_until("every message taken", lambda: worker.stats()["received"] == 550)
+        wait_for("every message taken", lambda: worker.stats()["received"] == 550)
         elapsed = time.monotonic() - t0
         assert worker.wait_idle(30)
         stats = worker.stats()
@@ -216,12 +207,12 @@ def test_a_locked_database_is_waited_out_and_nothing_sent_meanwhile_is_lost(
     with caplog.at_level(logging.WARNING, logger="edgeops.fleet.ingest_worker"), \
             running(mosquitto, path, "ingest-lock", **kw) as worker:
         publisher.send([(topic(d), telemetry(d, 1)) for d in devices])
-        wait_until("the first rows", lambda: store.telemetry_count() == 10)
+        wait_for("the first rows", lambda: store.telemetry_count() == 10)
         locker = sqlite3.connect(path, isolation_level=None)
         locker.execute("BEGIN EXCLUSIVE")  # another process holding the database: every write times out
         try:
             publisher.send([(topic(d), telemetry(d, seq)) for seq in range(2, 31) for d in devices])  # 290
-            wait_until("the worker to meet the lock", lambda: worker.stats()["store_errors"] >= 2)
+            wait_for("the worker to meet the lock", lambda: worker.stats()["store_errors"] >= 2)
             time.sleep(2.5)
             during = worker.stats()
             assert store.telemetry_count() == 10 and during["store_ok"] is False
@@ -232,7 +223,7 @@ def test_a_locked_database_is_waited_out_and_nothing_sent_meanwhile_is_lost(
         finally:
             locker.execute("ROLLBACK")
             locker.close()
-        wait_until("everything sent during the outage", lambda: store.telemetry_count() == 300)
+        wait_for("everything sent during the outage", lambda: store.telemetry_count() == 300)
         assert worker.wait_idle(30)
         after = worker.stats()
     assert after["store_ok"] is True and after["stored"] == 300 and after["acked"] == 300
@@ -249,7 +240,7 @@ def test_stop_commits_and_acknowledges_what_it_holds_unless_told_not_to(
     hold: dict[str, Any] = {**FAST, "batch_interval_s": 60.0, "batch_max": 100_000}  # nothing is written before stop()
     with running(mosquitto, path, "ingest-stop", **hold) as worker:
         publisher.send([(topic("dev"), telemetry("dev", seq)) for seq in range(1, 51)])
-        wait_until("50 held", lambda: worker.stats()["received"] == 50)
+        wait_for("50 held", lambda: worker.stats()["received"] == 50)
         assert store.telemetry_count() == 0
     assert store.telemetry_count() == 50 and worker.stats()["acked"] == 50  # stop() flushed, then acknowledged
     with running(mosquitto, path, "ingest-stop", **FAST) as again:
@@ -259,13 +250,13 @@ def test_stop_commits_and_acknowledges_what_it_holds_unless_told_not_to(
         worker.start()
         assert worker.wait_connected(30)
         publisher.send([(topic("dev"), telemetry("dev", seq)) for seq in range(51, 101)])
-        wait_until("the second worker's share", lambda: worker.stats()["received"] > 0)
+        wait_for("the second worker's share", lambda: worker.stats()["received"] > 0)
         held = settled(lambda: worker.stats()["received"])
         worker.stop(flush=False)  # a stop without flush: nothing written, nothing acknowledged
         assert worker.stats()["stored"] == 0 and worker.stats()["acked"] == 0
-        wait_until("the first worker's share", lambda: store.telemetry_count() == 100 - held)
+        wait_for("the first worker's share", lambda: store.telemetry_count() == 100 - held)
     with running(mosquitto, path, "ingest-nf", **FAST) as resumed:
-        wait_until("the unflushed ones, sent again", lambda: store.telemetry_count() == 100)
+        wait_for("the unflushed ones, sent again", lambda: store.telemetry_count() == 100)
         assert resumed.wait_idle(30) and resumed.stats()["stored"] == held
 
 
@@ -278,7 +269,7 @@ def test_telemetry_opens_and_closes_alerts_with_the_devices_profile_budget(
     drift = {"level": "alert", "inputs": {"image": {"psi": 0.31, "level": "alert", "samples": 2560}}, "outputs": {}}
     with running(mosquitto, path, "ingest-alerts", **FAST) as worker:
         publisher.send([(topic("pi-01"), telemetry("pi-01", 1, latency_ms=slow, requests=50, errors=6, drift=drift))])
-        wait_until("three alerts", lambda: len(store.list_alerts(device_id="pi-01")) == 3)
+        wait_for("three alerts", lambda: len(store.list_alerts(device_id="pi-01")) == 3)
         opened = {a.kind: (a.level, a.detail, a.version) for a in store.list_alerts(device_id="pi-01")}
         assert opened == {
             AlertKind.LATENCY: (AlertLevel.WARN, "p95 81.2 ms > budget 50 ms", "1.0.0"),
@@ -287,7 +278,7 @@ def test_telemetry_opens_and_closes_alerts_with_the_devices_profile_budget(
         }
         assert store.get_device("pi-01").last_seen > 1.0  # type: ignore[union-attr]
         publisher.send([(topic("pi-01"), telemetry("pi-01", 2))])  # healthy again
-        wait_until("every alert closed", lambda: store.list_alerts(device_id="pi-01") == [])
+        wait_for("every alert closed", lambda: store.list_alerts(device_id="pi-01") == [])
         assert worker.wait_idle(30)
     closed = store.list_alerts(open_only=False, device_id="pi-01")
     assert len(closed) == 3 and all(a.closed_at is not None for a in closed)
@@ -305,7 +296,7 @@ def test_a_stop_while_the_database_is_locked_gives_up_in_time_and_loses_nothing(
     locker.execute("BEGIN EXCLUSIVE")
     try:
         publisher.send([(topic("dev"), telemetry("dev", seq)) for seq in range(1, 21)])
-        wait_until("the worker to meet the lock", lambda: worker.stats()["store_errors"] >= 1)
+        wait_for("the worker to meet the lock", lambda: worker.stats()["store_errors"] >= 1)
         t0 = time.monotonic()
         worker.stop(timeout=1.0)  # flush, but not forever: the service's stop must not hang on a dead store
         assert time.monotonic() - t0 < 4.0
@@ -314,7 +305,7 @@ def test_a_stop_while_the_database_is_locked_gives_up_in_time_and_loses_nothing(
         locker.execute("ROLLBACK")
         locker.close()
     with running(mosquitto, path, "ingest-giveup", **kw):
-        wait_until("the 20 sent again", lambda: store.telemetry_count() == 20)
+        wait_for("the 20 sent again", lambda: store.telemetry_count() == 20)
 
 
 def test_a_broker_restart_is_ridden_out_and_what_was_pending_is_stored_once(
@@ -329,10 +320,10 @@ def test_a_broker_restart_is_ridden_out_and_what_was_pending_is_stored_once(
             pub = Publisher(broker)
             pub.send([(topic("dev"), telemetry("dev", seq)) for seq in range(1, 81)])
             pub.close()
-            wait_until("80 held", lambda: worker.stats()["received"] == 80)
+            wait_for("80 held", lambda: worker.stats()["received"] == 80)
             broker.restart()  # the connection drops with 80 messages taken and not acknowledged
-            wait_until("the worker back", lambda: worker.stats()["connects"] == 2 and worker.wait_connected(0))
-            wait_until("the 80 sent again", lambda: worker.stats()["received"] == 160)
+            wait_for("the worker back", lambda: worker.stats()["connects"] == 2 and worker.wait_connected(0))
+            wait_for("the 80 sent again", lambda: worker.stats()["received"] == 160)
             stats = worker.stats()
             assert stats["redelivery_dropped"] == 80 and stats["pending"] == 80  # not held twice
         assert store.telemetry_count() == 80 and worker.stats()["acked"] == 80  # flushed at stop, once
@@ -376,10 +367,10 @@ def test_a_worker_killed_with_messages_unacknowledged_gets_them_back_on_restart(
             except (OSError, ValueError):
                 return {}
 
-        wait_until("the child worker to subscribe", lambda: child_stats().get("connected"), timeout=60)
+        wait_for("the child worker to subscribe", lambda: child_stats().get("connected"), timeout=60)
         first = [(topic(f"dev-{i % 8}"), telemetry(f"dev-{i % 8}", i)) for i in range(200)]
         publisher.send(first)
-        wait_until("the child to hold all 200", lambda: child_stats().get("received") == 200)
+        wait_for("the child to hold all 200", lambda: child_stats().get("received") == 200)
         assert store.telemetry_count() == 0  # held in its batch: nothing committed, nothing acknowledged
         child.send_signal(signal.SIGKILL)  # a crash: no flush, no DISCONNECT, the kernel closes the socket
         child.wait(10)
@@ -391,13 +382,13 @@ def test_a_worker_killed_with_messages_unacknowledged_gets_them_back_on_restart(
         # mosquitto keeps the dead worker's persistent session in the share group: it queues its turn for it
         second = [(topic(f"dev-{i % 8}"), telemetry(f"dev-{i % 8}", i)) for i in range(200, 400)]
         publisher.send(second)
-        wait_until("the live worker's share", lambda: other.stats()["received"] >= 50)
+        wait_for("the live worker's share", lambda: other.stats()["received"] >= 50)
         settled(lambda: other.stats()["received"])
         assert other.wait_idle(30)
         while_dead = store.telemetry_count()
         assert 0 < while_dead < 200 and other.stats()["stored"] == while_dead
         with running(mosquitto, path, "crash-a", **FAST) as back:  # the same client id: the session resumes
-            wait_until("all 400", lambda: store.telemetry_count() == 400)
+            wait_for("all 400", lambda: store.telemetry_count() == 400)
             assert back.wait_idle(30) and other.wait_idle(30)
             resumed = back.stats()
     assert resumed["stored"] == 400 - while_dead  # the 200 it held, and its queued share of the second 200
@@ -424,9 +415,9 @@ def test_real_agents_telemetry_and_start_events_land_in_the_store(
                        trusted_keys=[keys_dir / "signing.pub"], initial_artifact=artifact, telemetry_interval_s=1.0)
         ids = [d.device_id for d in sim.devices]
         with sim:
-            wait_until("two telemetry rows of every agent", lambda: all(rows_of(store, d) >= 2 for d in ids),
+            wait_for("two telemetry rows of every agent", lambda: all(rows_of(store, d) >= 2 for d in ids),
                        timeout=60)
-            wait_until("every agent's start event", lambda: started(store) >= set(ids))
+            wait_for("every agent's start event", lambda: started(store) >= set(ids))
         assert worker.wait_idle(30)
         stats = worker.stats()
     latest = store.latest_telemetry(ids)

@@ -5,7 +5,7 @@ to success, telemetry and events stored. Skips only when no PostgreSQL server an
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from edgeops.signing import generate_keypair, load_private_key
 from tests.support.artifacts import build_digits, repack
 from tests.support.mosquitto import MosquittoBroker
 from tests.support.postgres import fresh_database
+from tests.support.waiting import wait_for
 
 FLEET = "pgfleet"
 PROFILE = "x86-gateway"
@@ -30,16 +31,6 @@ PROFILE = "x86-gateway"
 def pg_url() -> Iterator[str]:
     with fresh_database() as url:
         yield url
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_service_runs_a_rollout_and_ingests_on_postgresql(

@@ -35,9 +35,7 @@ from edgeops.fleet.model import (
     TelemetryRow,
 )
 from edgeops.fleet.store import FleetStore, open_store
-
-PG_SERVER = "postgresql://postgres@127.0.0.1:5432"
-
+from tests.support.postgres import PG_SERVER, fresh_database
 
 # --- fixtures -----------------------------------------------------------------------------------------------------
 
@@ -45,19 +43,8 @@ PG_SERVER = "postgresql://postgres@127.0.0.1:5432"
 @pytest.fixture(scope="session")
 def pg_database() -> Iterator[str]:
     """A fresh database on the local PostgreSQL server for this test session, dropped at the end."""
-    import psycopg
-
-    try:
-        admin = psycopg.connect(f"{PG_SERVER}/postgres", autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL server reachable at 127.0.0.1:5432 (user postgres): {exc}")
-    name = f"edgeops_test_{secrets.token_hex(6)}"
-    admin.execute(f"CREATE DATABASE {name}")
-    try:
-        yield f"{PG_SERVER}/{name}"
-    finally:
-        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        admin.close()
+    with fresh_database() as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
