@@ -40,6 +40,7 @@ from device_agent.reporter import Reporter
 from device_agent.service import InferenceResult
 from device_agent.slot_store import SlotStore
 from device_agent.telemetry_loop import TelemetryLoop
+from device_agent.trust_client import TrustClient
 from edgeops.errors import EdgeopsError, StorageError, UntrustedInput
 from edgeops.manifest import TensorInfo
 from edgeops.signing import load_public_key
@@ -74,7 +75,14 @@ class Agent:
         self.cfg = cfg
         self._serve_api = serve_api and bool(cfg.api.address)
         self._lockfile = _lock(Path(cfg.data_dir))
-        keys = [load_public_key(p) for p in cfg.trusted_keys]
+        self.trust: TrustClient | None = None
+        if cfg.trust_root is not None:  # TUF mode: the trusted root names the artifact and command keys
+            self.trust = TrustClient(
+                Path(cfg.data_dir), cfg.fleet, cfg.trust_root, on_root=self._on_root, on_reject=self._on_trust_reject
+            )
+            keys = list(self.trust.artifact_keys())
+        else:
+            keys = [load_public_key(p) for p in cfg.trusted_keys]
         self.store = SlotStore(Path(cfg.data_dir) / "slots", trusted_keys=keys, profile=cfg.profile)
         self.host = ModelHost(cfg.health, on_runtime_failure=self._on_runtime_failure)
         self.telemetry = TelemetryLoop(self)
@@ -85,6 +93,7 @@ class Agent:
         self.api: ApiServer | None = None
         self._ops = threading.Lock()
         self._stopped = threading.Event()
+        self._loader: threading.Thread | None = None  # loads the previous slot as fallback after start
         self.started_at = time.time()
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
@@ -115,6 +124,8 @@ class Agent:
         self.reporter.stop()
         self.host.set_shadow(None)
         self.commands.close()
+        if self._loader is not None:  # a runtime session half-created at interpreter exit aborts the process
+            self._loader.join(timeout=30)
         self._lockfile.close()
 
     def load_slots(self) -> None:
@@ -131,7 +142,8 @@ class Agent:
         self.telemetry.model_changed(active)
         prev = self.store.state.previous
         if active is not None and prev is not None:
-            threading.Thread(target=self._load_fallback, args=(prev,), name="load-previous", daemon=True).start()
+            self._loader = threading.Thread(target=self._load_fallback, args=(prev,), name="load-previous", daemon=True)
+            self._loader.start()
 
     def _verified_load(self, slot: str) -> LoadedModel | None:
         try:
@@ -201,6 +213,7 @@ class Agent:
         self.store.commit(model.slot, model.version)
         fault_point("install.committed")
         self.host.swap(model)
+        fault_point("install.swapped")
         self.telemetry.model_changed(model)
         self.reporter.event(event, version=model.version, previous=old, **fields)
 
@@ -233,10 +246,12 @@ class Agent:
             if fallback is None or fallback.slot != self.store.state.previous:
                 raise EdgeopsError("no previous model loaded to roll back to")
             self.store.rollback(keep_current=not automatic)
+            fault_point("rollback.committed")
             if automatic:
                 self.host.rollback()
             else:
                 self.host.swap(fallback)
+            fault_point("rollback.swapped")
             self.telemetry.model_changed(fallback)
             self.reporter.event(
                 "rollback",
@@ -254,9 +269,24 @@ class Agent:
         except EdgeopsError as exc:
             self.reporter.event("model.failing", reason=reason, rollback=str(exc))
 
+    # -- update trust (TUF mode) -------------------------------------------------------------------------------
+    def _on_root(self, version: int) -> None:
+        """A new root is trusted: its artifact and command keys replace the old ones now."""
+        assert self.trust is not None
+        self.store.trusted_keys = list(self.trust.artifact_keys())
+        self.commands.guard.set_keys(self.trust.command_keys())
+        log.info("trust: root v%d in force", version)
+        self.reporter.event("trust.root", version=version)
+
+    def _on_trust_reject(self, what: str, reason: str, detail: str) -> None:
+        self.reporter.event("trust.rejected", what=what, reason=reason, detail=detail)
+
     # -- MQTT commands -----------------------------------------------------------------------------------------
     def _on_message(self, topic: str, payload: bytes) -> None:
-        if self.ota.owns(topic):
+        if self.trust is not None and self.trust.owns(topic):
+            self.trust.handle(topic, payload)
+            self.ota.trust_updated()
+        elif self.ota.owns(topic):
             self.ota.handle(topic, payload)
         else:
             self.commands.handle(topic, payload)
@@ -301,6 +331,7 @@ class Agent:
             "telemetry_interval_s": self.telemetry.interval_s,
             "api": self.api.address if self.api is not None else None,
             "uptime_s": round(time.time() - self.started_at, 1),
+            "trust": self.trust.status() if self.trust is not None else {"mode": "static-keys"},
         }
 
     def wait(self, timeout: float | None = None) -> bool:

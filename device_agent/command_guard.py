@@ -170,6 +170,12 @@ class CommandGuard:
         self._max_ttl_s = float(max_ttl_s)
         self._clock_skew_s = float(clock_skew_s)
 
+    def set_keys(self, keys: Sequence[Ed25519PublicKey]) -> None:
+        """Replace the trusted fleet command keys (a key rotation). Raises ValueError for no keys."""
+        if not keys:
+            raise ValueError("a command guard needs at least one trusted fleet key")
+        self._keys = tuple(keys)
+
     def set_groups(self, groups: Sequence[str]) -> None:
         """Replace the groups this device answers to. Raises ValueError for an invalid group name."""
         self._group_targets = frozenset(f"group/{validate_segment(g, 'group')}" for g in groups)

@@ -41,7 +41,7 @@ class CommandDispatcher:
             fleet=cfg.fleet,
             device_id=cfg.device_id,
             groups=cfg.groups,
-            keys=[load_public_key(p) for p in cfg.command_keys],
+            keys=agent.trust.command_keys() if agent.trust else [load_public_key(p) for p in cfg.command_keys],
             nonces=self._nonces,
         )
         self._queue: queue.Queue[Command | None] = queue.Queue(maxsize=QUEUE_SIZE)

@@ -28,12 +28,13 @@ __all__ = ["AgentConfig", "ApiConfig", "BrokerConfig", "HealthConfig", "Telemetr
 class BrokerConfig:
     url: str = "mqtt://127.0.0.1:1883"
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     keepalive_s: int = 30
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
     session_expiry_s: int = 86400  # the broker keeps our subscriptions and queued QoS 1 messages this long offline
+    max_backoff_s: float = 30.0  # reconnect attempts back off exponentially from 1 s up to this
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ class AgentConfig:
     fleet: str
     profile: str
     data_dir: Path
-    trusted_keys: tuple[Path, ...]
+    trusted_keys: tuple[Path, ...]  # static-key mode; empty when trust_root names the keys
     command_keys: tuple[Path, ...]
     groups: tuple[str, ...] = ()
     threads: int | None = None  # overrides the manifest's runtime_config threads
@@ -84,6 +85,7 @@ class AgentConfig:
     api: ApiConfig = field(default_factory=ApiConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     ota: OtaConfig = field(default_factory=OtaConfig)
+    trust_root: Path | None = None  # [trust] root: the provisioning TUF root; then the root names every key
     source: Path | None = None  # the file it came from
 
 
@@ -140,10 +142,13 @@ def _broker(doc: dict[str, Any], base: Path, where: str) -> BrokerConfig:
         password=_take(doc, "password", str, w, None) or None,
         keepalive_s=_take(doc, "keepalive_s", int, w, 30),
         session_expiry_s=_take(doc, "session_expiry_s", int, w, 86400),
+        max_backoff_s=_take(doc, "max_backoff_s", float, w, 30.0),
         **{k: _path(base, v) if v else None for k, v in files.items()},
     )
     _no_extra(doc, w)
     _positive(cfg.keepalive_s, "keepalive_s", w)
+    if cfg.max_backoff_s < 1:
+        raise ConfigError(f"{w}: 'max_backoff_s' must be >= 1")
     if cfg.session_expiry_s < 0:
         raise ConfigError(f"{w}: 'session_expiry_s' must be >= 0")
     return cfg
@@ -221,11 +226,18 @@ def _segment(value: str, what: str, where: str) -> str:
 def parse_config(doc: Mapping[str, Any], base: Path, where: str) -> AgentConfig:
     """Build an AgentConfig from a parsed TOML document. Raises ConfigError."""
     d = dict(doc)
-    keys = _take(d, "trusted_keys", list, where)
+    trust = _section(d, "trust", where)
+    trust_root = _take(trust, "root", str, f"{where} [trust]", None)
+    _no_extra(trust, f"{where} [trust]")
+    if trust_root is not None and ("trusted_keys" in d or "command_keys" in d):
+        raise ConfigError(
+            f"{where}: trusted_keys/command_keys are for static keys; with [trust] root the root names every key"
+        )
+    keys = _take(d, "trusted_keys", list, where, [] if trust_root else ...)
     cmd_keys = _take(d, "command_keys", list, where, keys)
     groups = _take(d, "groups", list, where, [])
-    if not keys or not all(isinstance(k, str) for k in [*keys, *cmd_keys]):
-        raise ConfigError(f"{where}: trusted_keys must be a non-empty list of key file paths")
+    if trust_root is None and (not keys or not all(isinstance(k, str) for k in [*keys, *cmd_keys])):
+        raise ConfigError(f"{where}: trusted_keys must be a non-empty list of key file paths (or set [trust] root)")
     initial = _take(d, "initial_artifact", str, where, None)
     threads = _take(d, "threads", int, where, None)
     cfg = AgentConfig(
@@ -243,6 +255,7 @@ def parse_config(doc: Mapping[str, Any], base: Path, where: str) -> AgentConfig:
         api=_api(_section(d, "api", where), where),
         health=_health(_section(d, "health", where), where),
         ota=_ota(_section(d, "ota", where), where),
+        trust_root=_path(base, trust_root) if trust_root else None,
         source=base / "agent.toml" if where == "<config>" else Path(where),
     )
     _no_extra(d, where)

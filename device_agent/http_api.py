@@ -27,6 +27,7 @@ import socketserver
 import stat
 import threading
 import time
+import tokenize
 import zipfile
 import zlib
 from collections.abc import Callable, Mapping
@@ -40,6 +41,7 @@ import numpy as np
 
 from device_agent.api_client import Endpoint, parse_address
 from device_agent.service import InferenceResult, InferenceService, NoModelError
+from edgeops import bounded_json
 from edgeops.errors import ConfigError, EdgeopsError, RequestError
 from edgeops.manifest import TensorInfo
 
@@ -74,7 +76,7 @@ def _decode_npy(data: bytes, what: str = "body") -> np.ndarray:
             shape, fortran, dtype = np.lib.format.read_array_header_1_0(buf)
         else:
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(buf)
-    except (ValueError, OSError, EOFError, SyntaxError) as exc:
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError, tokenize.TokenError) as exc:
         raise RequestError(f"{what} is not a valid .npy: {exc}") from None
     if dtype.hasobject or dtype.kind not in _NUMERIC_KINDS:
         raise RequestError(f"{what} has dtype {dtype}; send numbers (bool, int, uint or float)")
@@ -90,7 +92,7 @@ def _decode_npz(data: bytes, limit: int) -> dict[str, np.ndarray]:
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
         infos = archive.infolist()
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, NotImplementedError) as exc:
         raise RequestError(f"body is not a valid .npz: {exc}") from None
     if not infos:
         raise RequestError("the .npz holds no arrays")
@@ -103,7 +105,7 @@ def _decode_npz(data: bytes, limit: int) -> dict[str, np.ndarray]:
             raise RequestError(f".npz member {info.filename!r} is not a uniquely named .npy")
         try:
             raw = archive.read(info)
-        except (zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError, EOFError, OSError) as exc:
+        except (zipfile.BadZipFile, zlib.error, RuntimeError, EOFError, OSError, ValueError) as exc:
             raise RequestError(f".npz member {info.filename!r} cannot be read: {exc}") from None
         out[name] = _decode_npy(raw, what=f".npz member {info.filename!r}")
     return out
@@ -141,7 +143,7 @@ def _single_name(schema: list[TensorInfo] | None) -> str:
 
 def _decode_json(body: bytes, schema: list[TensorInfo] | None) -> dict[str, np.ndarray]:
     try:
-        doc = json.loads(body)
+        doc = bounded_json.loads(body)
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise RequestError("body is not valid JSON") from None
     if isinstance(doc, dict) and isinstance(doc.get("inputs"), dict) and doc["inputs"]:

@@ -24,7 +24,9 @@ Guarantees:
   retries can cause a duplicate, never a loss (see :mod:`device_agent.outbox`).
 
 Raises: :class:`edgeops.errors.TransportError` when publishing while not connected or when paho refuses the
-message; :class:`edgeops.errors.ConfigError` when the TLS files cannot be loaded. An invalid topic or a payload
+message; :class:`edgeops.errors.ConfigError` when the TLS files cannot be loaded or a client certificate is set
+without an ``mqtts://`` broker; :class:`edgeops.errors.KeyFileError` when the TLS client key is readable or
+writable by group or others (the agent refuses to start). An invalid topic or a payload
 over MQTT's limit is a caller's bug and raises ``ValueError`` (from paho).
 """
 
@@ -35,7 +37,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edgeops.errors import ConfigError, TransportError
+from edgeops.signing import check_private_key_file
 
 __all__ = ["BrokerSettings", "MqttLink", "PublishHandle", "Will"]
 
@@ -61,7 +64,7 @@ class BrokerSettings:
     port: int
     tls: bool = False
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # never in a log line or an error message
     keepalive_s: int = 30  # seconds between PINGREQs; the broker drops us (and sends the will) after 1.5x
     ca_file: Path | None = None  # PEM CA bundle for mqtts; None = the system's CAs
     cert_file: Path | None = None  # client certificate (mutual TLS)
@@ -133,6 +136,8 @@ class MqttLink:
             client.username_pw_set(settings.username, settings.password or None)
         if settings.tls:
             _configure_tls(client, settings)
+        elif settings.cert_file or settings.key_file:
+            raise ConfigError("broker: cert_file/key_file need an mqtts:// URL (TLS); refusing to connect without it")
         # paho types the delays as int but waits on float arithmetic; sub-second delays work and help tests.
         client.reconnect_delay_set(min_backoff_s, max_backoff_s)  # type: ignore[arg-type]
         client.on_connect = self._handle_connect
@@ -273,6 +278,11 @@ class MqttLink:
 
 
 def _configure_tls(client: mqtt.Client, settings: BrokerSettings) -> None:
+    """Raises ConfigError for unloadable TLS files, KeyFileError for a client key that group or others may read."""
+    if settings.key_file is not None and settings.cert_file is None:
+        raise ConfigError("broker: key_file is set without cert_file")
+    if settings.cert_file is not None:
+        check_private_key_file(settings.key_file or settings.cert_file)
     try:
         client.tls_set(
             ca_certs=str(settings.ca_file) if settings.ca_file else None,

@@ -56,6 +56,15 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _record_applied() -> None:
+    """Called by apply_delta after each op (the light core knows no fault points)."""
+    fault_point("ota.apply.record")
+
+
+# refusals that fresher trust metadata can lift: a saved download is kept for them
+_WAIT_FOR_TRUST = frozenset({OtaReason.MISSING_METADATA.value, OtaReason.EXPIRED_METADATA.value})
+
+
 @dataclass
 class _Download:
     meta: ReleaseMetadata
@@ -74,12 +83,13 @@ class OtaClient:
         cfg = agent.cfg
         self.agent = agent
         self.cfg = cfg.ota
-        self._keys = [load_public_key(p) for p in cfg.trusted_keys]
+        self._keys = [load_public_key(p) for p in cfg.trusted_keys]  # static-key mode (agent.trust is None)
         self._prefix = f"{TOPIC_ROOT}/{cfg.fleet}/release/"
         self._wanted_file = Path(cfg.data_dir) / "ota-wanted.json"
         self.transfers = TransferStore(Path(cfg.data_dir) / "ota")
         self._lock = threading.RLock()
         self._wanted: str | None = None
+        self._awaiting_trust: tuple[str, bytes] | None = None  # release metadata that arrived before the trust chain
         self._dl: _Download | None = None
         self._jobs: queue.Queue[_Download | None] = queue.Queue()
         self._stop = threading.Event()
@@ -93,10 +103,15 @@ class OtaClient:
         """Resume a saved download, or wait again for the metadata of a release asked for before a restart."""
         for release_id, raw, _payload_id in self.transfers.saved():
             try:
-                meta = parse_release(raw, self._keys)
-                if meta.release_id != release_id:
-                    raise ReleaseRejected(OtaReason.MALFORMED.value, "saved under another release id")
+                meta = self._verify(release_id, raw)
             except ReleaseRejected as exc:
+                if exc.reason in _WAIT_FOR_TRUST:  # kept: resumed when the release metadata is trusted again
+                    log.info("saved download %s waits for trust metadata: %s", release_id, exc.detail)
+                    continue
+                log.warning("saved download %s dropped: %s", release_id, exc)
+                self.transfers.discard(release_id)
+                continue
+            except StorageError as exc:
                 log.warning("saved download %s dropped: %s", release_id, exc)
                 self.transfers.discard(release_id)
                 continue
@@ -126,6 +141,7 @@ class OtaClient:
                 self._drop(dl, "replaced by a request for " + release_id)
             self._wanted = release_id
             write_bytes_atomic(self._wanted_file, json.dumps({"release_id": release_id}).encode())
+            fault_point("ota.requested")
             self._update_subscriptions()
         return {"release_id": release_id, "status": "waiting-for-metadata"}
 
@@ -159,13 +175,38 @@ class OtaClient:
             if self._dl is not None and self._dl.meta.release_id == release_id:
                 return  # the retained metadata again (reconnect): nothing new
             try:
-                meta = parse_release(raw, self._keys)
-                if meta.release_id != release_id:
-                    raise ReleaseRejected(OtaReason.MALFORMED.value, "metadata published under another release id")
+                meta = self._verify(release_id, raw)
             except ReleaseRejected as exc:
+                if exc.reason == OtaReason.MISSING_METADATA.value:  # trust metadata still on its way (a restart)
+                    log.info("ota: %s waits for trust metadata: %s", release_id, exc.detail)
+                    self._awaiting_trust = (release_id, raw)
+                    return
                 self._reject(release_id, exc)
                 return
+            except StorageError as exc:
+                self._fail(release_id, OtaReason.STORAGE, str(exc))
+                return
             self._on_metadata(meta, raw, resumed=False)
+
+    def trust_updated(self) -> None:
+        """New trust metadata arrived: retry release metadata that waited for it (network thread; never raises)."""
+        with self._lock:
+            pending, self._awaiting_trust = self._awaiting_trust, None
+            if pending is None or pending[0] != self._wanted or self._dl is not None:
+                return
+        try:
+            self._on_metadata_bytes(*pending)
+        except Exception:  # a bug here must not stop the network thread; logged with its traceback
+            log.exception("ota: retrying %s after new trust metadata failed", pending[0])
+
+    def _verify(self, release_id: str, raw: bytes) -> ReleaseMetadata:
+        """The release metadata when it is trusted: signed by a trusted key (static keys), or vouched for by the
+        whole TUF chain now (TUF mode). Raises ReleaseRejected, or StorageError from the trust store."""
+        trust = self.agent.trust
+        meta = parse_release(raw, self._keys) if trust is None else trust.verify_release(release_id, raw)
+        if meta.release_id != release_id:
+            raise ReleaseRejected(OtaReason.MALFORMED.value, f"metadata of {meta.release_id} under {release_id}")
+        return meta
 
     def _on_metadata(self, meta: ReleaseMetadata, raw: bytes, *, resumed: bool) -> None:
         store = self.agent.store
@@ -310,7 +351,7 @@ class OtaClient:
             raise ReleaseRejected(OtaReason.NO_PAYLOAD.value, "the active model is no longer the delta's base")
         out = dl.transfer.scratch_path("target.edgeops")
         try:
-            apply_delta(base, part, out, expected_sha256=meta.target_sha256)
+            apply_delta(base, part, out, expected_sha256=meta.target_sha256, on_op=_record_applied)
         except (UntrustedInput, IntegrityError) as exc:
             raise ReleaseRejected(OtaReason.RESULT_MISMATCH.value, str(exc)) from None
         return out
@@ -334,6 +375,7 @@ class OtaClient:
             self._drop(dl, str(exc))
             self._fail(rid, OtaReason.INSTALL_FAILED, str(exc))
             return
+        fault_point("ota.installed")
         stats = {"seconds": round(time.monotonic() - dl.started, 3), **dl.assembler.progress()}
         self._drop(dl, "finished")
         self._finish(rid)
@@ -383,7 +425,7 @@ class OtaClient:
         self._finish(release_id)
 
     def _update_subscriptions(self) -> None:
-        topics: list[str] = []
+        topics: list[str] = [] if self.agent.trust is None else [self.agent.trust.topics.all]
         wanted = self._dl.meta.release_id if self._dl is not None else self._wanted
         if wanted is not None:
             t = release_topics(self.agent.cfg.fleet, wanted)

@@ -24,6 +24,7 @@ import logging
 import threading
 import time
 
+from device_agent.fault_points import fault_point
 from device_agent.mqtt_link import MqttLink, PublishHandle
 from device_agent.spool import Spool, SpooledMessage
 from edgeops.errors import StorageError, TransportError
@@ -122,7 +123,9 @@ class Outbox:
                     break
                 log.error("outbox: dropping message %d on %s that cannot be sent: %s", msg.seq, msg.topic, exc)
                 unsendable.append(msg.seq)
+        fault_point("outbox.published")
         confirmed = self._wait_confirmed(sent)
+        fault_point("outbox.confirmed")
         if len(confirmed) < len(sent):
             complete = False
         if confirmed or unsendable:

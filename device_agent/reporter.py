@@ -76,7 +76,8 @@ class Reporter:
                 will=Will(self.topics.state, offline),
                 subscriptions=self.command_topics(),
                 on_message=on_command,
-                on_connect=self.publish_state,
+                on_connect=self._on_connect,
+                max_backoff_s=cfg.broker.max_backoff_s,
             )
             self.outbox = Outbox(self.spool, self.link)
 
@@ -137,6 +138,23 @@ class Reporter:
 
     def telemetry(self, doc: dict[str, Any]) -> None:
         self._spool(self.topics.telemetry, {"device": self.cfg.device_id, "ts": time.time(), **doc})
+
+    def _on_connect(self) -> None:
+        self.publish_state()
+        self.report_spool_drops()
+
+    def report_spool_drops(self) -> None:
+        """A ``spool.dropped`` event for what the spool bound dropped since the last report. Called on connect and
+        by the telemetry tick while connected (offline, each report would take a slot from the telemetry)."""
+        if not self.spool.dropped:
+            return
+        try:
+            dropped = self.spool.take_dropped_report()
+        except StorageError as exc:
+            log.warning("spool drops not reported: %s", exc)
+            return
+        if dropped:
+            self.event("spool.dropped", count=dropped, total=self.spool.dropped)
 
     def publish_state(self) -> None:
         """Publish the retained state now when connected (called on every connect too)."""

@@ -91,8 +91,9 @@ class FleetSim:
         fleet: str,
         profile: str,
         broker_url: str,
-        trusted_keys: Sequence[Path],
+        trusted_keys: Sequence[Path] = (),
         command_keys: Sequence[Path] | None = None,
+        trust_root: Path | None = None,
         groups: Callable[[int], Sequence[str]] | None = None,
         initial_artifact: Path | None = None,
         telemetry_interval_s: float = 60.0,
@@ -107,21 +108,22 @@ class FleetSim:
         With ``serve_api`` each agent serves its HTTP API on a free 127.0.0.1 port. Raises ValueError for a bad
         ``n``, id prefix, fleet or group, and StorageError when the files cannot be written. ``extra(i)`` gives
         device i more config sections (``{"health": {"latency_budget_factor": 0.5}}``), merged over the defaults.
+        Keys: ``trusted_keys`` (+ ``command_keys``) for static-key agents, or ``trust_root`` (a TUF root, [trust]).
         """
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
+        if bool(trusted_keys) == (trust_root is not None):
+            raise ValueError("give either trusted_keys or trust_root")
         validate_segment(fleet, "fleet")
         self.root = Path(root)
         self.serve_api = serve_api
         self._agents: list[Agent] = []
         self._lock = threading.Lock()
         self.devices: list[SimDevice] = []
-        common: dict[str, Any] = {
-            "fleet": fleet,
-            "profile": profile,
-            "trusted_keys": [str(Path(k).resolve()) for k in trusted_keys],
-            "command_keys": [str(Path(k).resolve()) for k in (command_keys or trusted_keys)],
-        }
+        common: dict[str, Any] = {"fleet": fleet, "profile": profile}
+        if trust_root is None:
+            common["trusted_keys"] = [str(Path(k).resolve()) for k in trusted_keys]
+            common["command_keys"] = [str(Path(k).resolve()) for k in (command_keys or trusted_keys)]
         if threads is not None:
             common["threads"] = threads
         if initial_artifact is not None:
@@ -138,6 +140,8 @@ class FleetSim:
                 "telemetry": {"interval_s": telemetry_interval_s},
                 "api": {"address": "127.0.0.1:0" if serve_api else ""},
             }
+            if trust_root is not None:
+                doc["trust"] = {"root": str(Path(trust_root).resolve())}
             for section, values in (extra(i) if extra else {}).items():
                 doc[section] = {**doc.get(section, {}), **values}
             self.devices.append(SimDevice(device_id, folder / "agent.toml", folder / "data"))

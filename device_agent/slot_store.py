@@ -137,6 +137,7 @@ class SlotStore:
             write_bytes_atomic(self.root / STATE_FILE, raw)
         except OutputError as exc:
             raise StorageError(f"cannot commit the slot state: {exc}") from None
+        fault_point("slot.state.replaced")
         self._state = state
         return state
 

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from device_agent.fault_points import fault_point
 from edgeops.errors import StorageError
 
 __all__ = ["Spool", "SpooledMessage"]
@@ -168,6 +169,7 @@ class Spool:
                         "DELETE FROM messages WHERE seq IN (SELECT seq FROM messages ORDER BY seq LIMIT ?)", (over,)
                     )
                     conn.execute("UPDATE meta SET value = value + ? WHERE key = 'dropped_total'", (over,))
+            fault_point("spool.put.committed")
             self._pending += 1 - over
             self._dropped += over
         return seq
@@ -189,6 +191,7 @@ class Spool:
                 before = conn.total_changes
                 conn.executemany("DELETE FROM messages WHERE seq = ?", rows)
                 deleted = conn.total_changes - before
+            fault_point("spool.acked")
             self._pending -= deleted
 
     def take_dropped_report(self) -> int:

@@ -116,7 +116,6 @@ class TelemetryLoop:
         if drift is not None and drift.get("level") in ("ok", "warn", "alert") and drift["level"] != self._drift_level:
             self._drift_level = drift["level"]
             agent.reporter.event("drift", level=drift["level"], version=agent.active_version(), drift=drift)
-        dropped = spool.take_dropped_report()
-        if dropped:
-            agent.reporter.event("spool.dropped", count=dropped, total=spool.dropped)
+        if agent.reporter.connected:  # offline, the report waits for the connect (Reporter.report_spool_drops)
+            agent.reporter.report_spool_drops()
         return doc

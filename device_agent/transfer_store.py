@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from device_agent.fault_points import fault_point
 from edgeops.atomic_file import fsync_dir, write_bytes_atomic
 from edgeops.errors import OutputError, ReleaseRejected, StorageError
 from edgeops.protocol import validate_segment
@@ -127,6 +128,7 @@ class Transfer:
             _pwrite_all(part_fd, data, offset)
         except OSError as exc:
             raise _storage_error(f"write chunk {index} to", self.part_path, exc) from exc
+        fault_point("transfer.chunk.written")
         try:
             _pwrite_all(bitmap_fd, b"\x01", index)
         except OSError as exc:
@@ -143,6 +145,7 @@ class Transfer:
                 os.fsync(fd)
             except OSError as exc:
                 raise _storage_error("sync", self.dir / name, exc) from exc
+        fault_point("transfer.synced")
 
     def scratch_path(self, name: str) -> Path:
         """A path in the transfer directory for the adapter's own files (e.g. the applied target).
@@ -344,8 +347,10 @@ class TransferStore:
             _write_synced(tmp / BITMAP_FILE, bytes(payload.chunk_count))
             _preallocate(tmp / PART_FILE, payload.size)
             fsync_dir(tmp)
+            fault_point("transfer.preallocated")
             os.rename(tmp, directory)
             fsync_dir(self.root)
+            fault_point("transfer.created")
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise _storage_error(f"store the {payload.size}-byte download in", self.root, exc) from exc

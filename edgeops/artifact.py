@@ -31,6 +31,7 @@ from typing import BinaryIO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from edgeops import bounded_json
 from edgeops.errors import ArtifactFormatError, IntegrityError, SignatureError
 from edgeops.manifest import Manifest
 from edgeops.signing import key_id, sign, verify_signature
@@ -127,7 +128,7 @@ def _parse_header(block: bytes) -> tuple[str, int]:
     except (UnicodeDecodeError, ValueError):
         raise ArtifactFormatError("malformed member header") from None
     _check_name(name)
-    if block != _header(name, size):
+    if size < 0 or block != _header(name, size):  # "%011o" % -n is "-000..." and would round-trip
         raise ArtifactFormatError(f"non-canonical header for {name!r}")
     return name, size
 
@@ -195,9 +196,9 @@ def _parse_signatures(raw: bytes) -> list[tuple[str, bytes]]:
     if len(raw) > MAX_SIGNATURE_BYTES:
         raise ArtifactFormatError("signature file too large")
     try:
-        doc = json.loads(raw)
+        doc = bounded_json.loads(raw)
         return [(str(s["keyid"]), base64.b64decode(s["sig"], validate=True)) for s in doc["signatures"]]
-    except (ValueError, KeyError, TypeError, binascii.Error):
+    except (ValueError, KeyError, TypeError, RecursionError, binascii.Error):
         raise ArtifactFormatError("malformed manifest.sig") from None
 
 

@@ -9,11 +9,13 @@ hashes) and raises :class:`ArtifactFormatError` otherwise; sections only the hos
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from edgeops import bounded_json
 from edgeops.errors import ArtifactFormatError
 
 __all__ = ["MANIFEST_SCHEMA", "FileEntry", "Golden", "Manifest", "TensorInfo", "parse_semver"]
@@ -21,14 +23,14 @@ __all__ = ["MANIFEST_SCHEMA", "FileEntry", "Golden", "Manifest", "TensorInfo", "
 MANIFEST_SCHEMA = 1
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 _SEMVER = re.compile(
-    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-([0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?(?:\+[0-9A-Za-z.-]+)?$"
-)
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+    r"(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)(?:-([0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?(?:\+[0-9A-Za-z.-]+)?"
+)  # ASCII digits only, matched in full (no trailing newline)
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def parse_semver(version: str) -> tuple[Any, ...]:
     """A sort key for a semantic version (a pre-release sorts before its release). Raises ValueError."""
-    m = _SEMVER.match(version)
+    m = _SEMVER.fullmatch(version) if isinstance(version, str) else None
     if not m:
         raise ValueError(f"not a semantic version (MAJOR.MINOR.PATCH): {version!r}")
     pre = m.group(4).split(".") if m.group(4) else []
@@ -99,8 +101,8 @@ class Manifest:
         if len(raw) > MAX_MANIFEST_BYTES:
             raise ArtifactFormatError("manifest too large")
         try:
-            doc = json.loads(raw)
-        except (UnicodeDecodeError, ValueError):
+            doc = bounded_json.loads(raw)
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
             raise ArtifactFormatError("manifest is not valid JSON") from None
         if not isinstance(doc, dict):
             raise ArtifactFormatError("manifest is not a JSON object")
@@ -121,7 +123,11 @@ def _tensor(doc: Any) -> TensorInfo:
     if not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
         raise ArtifactFormatError("manifest tensor shape must be integers")
     transpose = doc.get("transpose")
-    if transpose is not None and sorted(transpose) != list(range(len(shape))):
+    if transpose is not None and (
+        not isinstance(transpose, list)
+        or not all(isinstance(d, int) and not isinstance(d, bool) for d in transpose)
+        or sorted(transpose) != list(range(len(shape)))
+    ):
         raise ArtifactFormatError("manifest tensor transpose is not a permutation of its dims")
     return TensorInfo(
         name=_req(doc, "name", str),
@@ -139,7 +145,7 @@ def _file(doc: Any) -> FileEntry:
     if not isinstance(doc, dict):
         raise ArtifactFormatError("manifest file entry is not an object")
     entry = FileEntry(path=_req(doc, "path", str), sha256=_req(doc, "sha256", str), size=_req(doc, "size", int))
-    if not _SHA256.match(entry.sha256) or entry.size < 0:
+    if not _SHA256.fullmatch(entry.sha256) or entry.size < 0:
         raise ArtifactFormatError(f"manifest file entry for {entry.path!r} is malformed")
     return entry
 
@@ -153,9 +159,20 @@ def _golden(doc: Any) -> Golden | None:
         inputs=_req(doc, "inputs", dict),
         outputs=_req(doc, "outputs", dict),
         count=_req(doc, "count", int),
-        atol=float(_req(doc, "atol", (int, float))),
-        rtol=float(_req(doc, "rtol", (int, float))),
+        atol=_tolerance(doc, "atol"),
+        rtol=_tolerance(doc, "rtol"),
     )
+
+
+def _tolerance(doc: dict[str, Any], key: str) -> float:
+    value = _req(doc, key, (int, float))
+    try:
+        tol = float(value)
+    except OverflowError:
+        raise ArtifactFormatError(f"manifest golden {key} is out of range") from None
+    if not math.isfinite(tol) or tol < 0:
+        raise ArtifactFormatError(f"manifest golden {key} must be a finite number >= 0")
+    return tol
 
 
 def _manifest_from_dict(doc: Mapping[str, Any]) -> Manifest:

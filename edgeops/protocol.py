@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from edgeops import bounded_json
 from edgeops.errors import CommandRejected, SignatureError
 from edgeops.signing import key_id, sign, verify_signature
 
@@ -331,7 +332,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _json_object(raw: bytes | str, what: str) -> dict[str, Any]:
     try:
-        doc = json.loads(raw, parse_constant=_no_constants, object_pairs_hook=_unique_keys)
+        doc = bounded_json.loads(raw, parse_constant=_no_constants, object_pairs_hook=_unique_keys)
     except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise _reject(RejectReason.MALFORMED, f"{what} is not valid JSON") from None
     if not isinstance(doc, dict):

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from edgeops import bounded_json
 from edgeops.errors import CommandRejected, ReleaseRejected
 from edgeops.manifest import parse_semver
 from edgeops.protocol import open_envelope, seal_envelope, validate_segment
@@ -106,6 +107,13 @@ class OtaReason(str, Enum):
     STORAGE = "storage"  # the device could not store the download (disk full)
     UNKNOWN_RELEASE = "unknown-release"  # a repair request for a release the publisher does not serve
     INSTALL_FAILED = "install-failed"  # the artifact was refused by the slot store or the health gate
+    # update trust (edgeops.trust, TUF metadata)
+    EXPIRED_METADATA = "expired-metadata"  # root/targets/snapshot/timestamp past its expiry: a freeze, or no refresh
+    METADATA_ROLLBACK = "metadata-rollback"  # a metadata version lower than one trusted before
+    UNTRUSTED_METADATA = "untrusted-metadata"  # not signed by a threshold of the role's keys in the trusted root
+    METADATA_MISMATCH = "metadata-mismatch"  # length/hash is not what the parent role names (mix-and-match)
+    NOT_IN_TARGETS = "not-in-targets"  # the trusted targets do not list this release
+    MISSING_METADATA = "missing-metadata"  # a role's metadata has not arrived yet (transient: retried when it does)
 
     def __str__(self) -> str:
         return self.value
@@ -227,7 +235,7 @@ def _json(raw: bytes, what: str) -> Any:
         raise ValueError(name)
 
     try:
-        return json.loads(raw, parse_constant=no_constants)
+        return bounded_json.loads(raw, parse_constant=no_constants)
     except (ValueError, RecursionError):
         raise _reject(OtaReason.MALFORMED, f"{what} is not valid JSON") from None
 

@@ -30,7 +30,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -97,6 +97,8 @@ class ReleaseServer:
         username: str | None = None,
         password: str | None = None,
         ca_certs: Path | None = None,
+        cert_file: Path | None = None,
+        key_file: Path | None = None,
     ) -> None:
         """``gather_s``: a request that finds its payload idle starts a pass once ``gather_s`` seconds pass
         without another request (at most MAX_GATHER_S after the first), so that devices told to update at the
@@ -107,11 +109,14 @@ class ReleaseServer:
         self.broker, self.fleet = broker, validate_segment(fleet, "fleet")
         self.client_id, self.max_inflight, self.gather_s = client_id, max_inflight, gather_s
         self._auth = (username, password, ca_certs)
+        self._client_cert = (cert_file, key_file)  # mutual TLS
         self._cond = threading.Condition()
         self._releases: dict[str, PublishedRelease] = {}
         self._streams: dict[tuple[str, str], _Stream] = {}  # (release id, payload id) -> stream
         self._retired: list[_Stream] = []  # streams of replaced releases; their files close at stop()
         self._metadata_due: list[str] = []  # release ids whose retained metadata is to be (re)published
+        self._retained: dict[str, bytes] = {}  # topic -> other retained messages (trust metadata), in order
+        self._retained_due: list[str] = []  # their topics still to (re)publish: before any release metadata
         self._rr = 0  # round-robin position over the streams
         self._unacked = 0  # publishes handed to paho and not yet acknowledged
         self._window = max_inflight  # at most this many unacknowledged: max_inflight, or less if the broker says so
@@ -166,7 +171,8 @@ class ReleaseServer:
         """Wait until every planned chunk and metadata is published and acknowledged; False on timeout."""
         with self._cond:
             return self._cond.wait_for(
-                lambda: not self._metadata_due and not self._unacked and not self._pending_chunks(), timeout
+                lambda: not (self._retained_due or self._metadata_due or self._unacked or self._pending_chunks()),
+                timeout,
             )
 
     def add_release(self, rel: PublishedRelease) -> None:
@@ -197,12 +203,21 @@ class ReleaseServer:
                 self._metadata_due.append(meta.release_id)
             self._cond.notify_all()
 
+    def set_retained(self, messages: Mapping[str, bytes]) -> None:
+        """Keep these retained messages published (the fleet's trust metadata, :mod:`edgeops.trust`), in the
+        order given and before any release metadata; changed ones now, all of them again after a reconnect."""
+        with self._cond:
+            changed = [t for t, raw in messages.items() if self._retained.get(t) != raw]
+            self._retained = dict(messages)
+            self._retained_due = [t for t in self._retained if t in changed or t in self._retained_due]
+            self._cond.notify_all()
+
     # --- paho callbacks (network thread) -----------------------------------------------------------------
 
     def _new_client(self) -> mqtt.Client:
         username, password, ca_certs = self._auth
         client = new_mqtt_client(self.client_id, tls=self.broker.tls, ca_certs=ca_certs, username=username,
-                                 password=password)
+                                 password=password, cert_file=self._client_cert[0], key_file=self._client_cert[1])
         client.max_inflight_messages_set(self.max_inflight)
         client.reconnect_delay_set(*_RECONNECT_DELAY_S)
         client.on_connect, client.on_disconnect = self._on_connect, self._on_disconnect
@@ -226,6 +241,7 @@ class ReleaseServer:
             self._connected = True
             self._connects += 1
             self._metadata_due = list(self._releases)  # retained metadata again, in case the broker lost it
+            self._retained_due = list(self._retained)
             self._cond.notify_all()
         self._connack.set()
 
@@ -316,6 +332,10 @@ class ReleaseServer:
         when there is nothing to publish, the window is full or the passes are still gathering."""
         if not self._connected or self._unacked >= self._window:
             return None, None
+        while self._retained_due:
+            topic = self._retained_due.pop(0)
+            if topic in self._retained:
+                return _Job(topic, True, metadata=self._retained[topic]), None
         while self._metadata_due:
             rel = self._releases.get(self._metadata_due.pop(0))
             if rel is not None:

@@ -1,6 +1,7 @@
 """Ed25519 keys and signatures (light core: stdlib + cryptography only).
 
-Guarantees: a private key file is written with mode 0600 and never printed; ``verify_signature`` raises
+Guarantees: a private key file is written with mode 0600 and never printed; one that group or others may read
+or write is refused on load (:func:`check_private_key_file`, also used for TLS client keys); ``verify_signature`` raises
 :class:`SignatureError` for every mismatch and returns nothing on success; Ed25519 is deterministic, so the
 same key and bytes give the same signature (artifacts stay byte-reproducible).
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -20,6 +22,7 @@ from edgeops.errors import KeyFileError, OutputError, SignatureError
 __all__ = [
     "PRIVATE_KEY_NAME",
     "PUBLIC_KEY_NAME",
+    "check_private_key_file",
     "generate_keypair",
     "key_id",
     "load_private_key",
@@ -66,8 +69,25 @@ def _read(path: Path, what: str) -> bytes:
         raise KeyFileError(f"cannot read {what} {path}: {exc.strerror}") from exc
 
 
+def check_private_key_file(path: Path) -> None:
+    """Refuse a private key file that its group or others may read or write (``mode & 0o077``).
+
+    Raises KeyFileError naming the file, its mode and the fix (``chmod 600``), or when it is missing. The key's
+    bytes are never read here, so they cannot end up in the message."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        raise KeyFileError(f"private key not found: {path}") from None
+    except OSError as exc:
+        raise KeyFileError(f"cannot stat private key {path}: {exc.strerror}") from exc
+    if mode & 0o077:
+        raise KeyFileError(f"private key {path} is accessible by group or others (mode {mode:04o}); "
+                           f"run `chmod 600 {path}`")
+
+
 def load_private_key(path: Path) -> Ed25519PrivateKey:
-    """Load an Ed25519 private key (PEM). Raises KeyFileError when missing, unreadable or not Ed25519."""
+    """Load an Ed25519 private key (PEM). Raises KeyFileError when missing, unreadable, readable or writable by
+    group or others (see :func:`check_private_key_file`), or not Ed25519."""
     data = _read(path, "signing key")
     try:
         key = serialization.load_pem_private_key(data, password=None)
@@ -75,6 +95,7 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
         raise KeyFileError(f"{path} is not an unencrypted PEM private key") from exc
     if not isinstance(key, Ed25519PrivateKey):
         raise KeyFileError(f"{path} is not an Ed25519 key")
+    check_private_key_file(path)
     return key
 
 

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from edgeops.cli.broker_options import add_broker_options
 from edgeops.errors import TransportError
 from edgeops.protocol import (
     BrokerAddress,
@@ -69,9 +70,7 @@ def add_parser(sub: Any) -> None:
     )
     send.add_argument("--ttl", type=float, default=300.0, help="seconds the command stays valid (default 300)")
     send.add_argument("--wait", type=float, metavar="S", help="with --device: wait S seconds for the device's answer")
-    send.add_argument("--username", help="broker user name")
-    send.add_argument("--password", help="broker password")
-    send.add_argument("--ca", type=Path, help="CA certificate file for mqtts:// (default: the system's)")
+    add_broker_options(send)
     send.add_argument("--json", action="store_true", help="print the outcome as JSON")
     send.set_defaults(func=_send)
 
@@ -136,14 +135,16 @@ def _publish(
 
 
 def connect(args: argparse.Namespace, broker: BrokerAddress, client_id: str, link: BrokerLink) -> Any:
-    """A started paho MQTT 5 client wired to ``link`` (TLS with ``args.ca``, ``args.username``/``password``).
+    """A started paho MQTT 5 client wired to ``link`` (TLS with ``args.ca``, a client certificate with
+    ``args.cert``/``cert_key``, ``args.username``/``password``).
 
-    Raises TransportError when TLS cannot be set up or the broker cannot be reached.
+    Raises TransportError when TLS cannot be set up or the broker cannot be reached, KeyFileError for a client key
+    that group or others may read.
     """
     from edgeops.mqtt_client import new_mqtt_client
 
     client = new_mqtt_client(client_id, tls=broker.tls, ca_certs=args.ca, username=args.username,
-                             password=args.password)
+                             password=args.password, cert_file=args.cert, key_file=args.cert_key)
     client.on_connect, client.on_subscribe, client.on_message = link.on_connect, link.on_subscribe, link.on_message
     try:
         client.connect(broker.host, broker.port, keepalive=30)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgeops.cli.broker_options import add_broker_options
 from edgeops.cli.command_cmd import CONNECT_TIMEOUT_S, BrokerLink, connect, print_outcome
 from edgeops.cli.rollout_cmd import deploy_group, rollout_options
 from edgeops.errors import TransportError
@@ -76,9 +77,7 @@ def add_parser(sub: Any) -> None:
                    help="with --device: wait S seconds for the install outcome; with --group: minutes each phase must "
                    "stay healthy (no error-rate or drift alert) before the next (default 0)")
     p.add_argument("--ttl", type=float, default=300.0, help="seconds the command stays valid (default 300)")
-    p.add_argument("--username", help="broker user name")
-    p.add_argument("--password", help="broker password")
-    p.add_argument("--ca", type=Path, help="CA certificate file for mqtts:// (default: the system's)")
+    add_broker_options(p)
     p.add_argument("--json", action="store_true", help="print the outcome as JSON")
     rollout_options(p)
     p.set_defaults(func=_deploy)

@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from edgeops.cli.broker_options import add_broker_options
 from edgeops.cli.rollout_cmd import db_option
 
 __all__ = ["add_parser"]
@@ -47,9 +48,11 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--rate", type=float, default=5.0, metavar="MSG_PER_S",
                    help="telemetry + events accepted per device per second, sustained (default 5; burst 4x)")
     s.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
-    s.add_argument("--username", help="broker user name")
-    s.add_argument("--password", help="broker password")
-    s.add_argument("--ca", type=Path, help="CA certificate file for mqtts://")
+    s.add_argument("--trust-dir", type=Path, metavar="DIR",
+                   help="TUF trust directory (edgeops trust init): keep its metadata published retained")
+    s.add_argument("--timestamp-key", type=Path, metavar="KEY",
+                   help="with --trust-dir: the online timestamp key; re-sign snapshot/timestamp before expiry")
+    add_broker_options(s)
     s.add_argument("-v", "--verbose", action="store_true", help="log every rollout decision")
     db_option(s)
     s.set_defaults(func=_serve)
@@ -86,7 +89,8 @@ def _serve(args: argparse.Namespace) -> int:
         ingest_workers=args.ingest_workers, offline_after_s=args.offline_after,
         raw_retention_s=args.raw_retention * 86400.0, rollup_s=args.rollup,
         rollup_retention_s=args.rollup_retention * 86400.0, rate_per_s=args.rate, burst=args.rate * 4,
-        username=args.username, password=args.password, ca_certs=args.ca,
+        username=args.username, password=args.password, ca_certs=args.ca, cert_file=args.cert,
+        key_file=args.cert_key, trust_dir=args.trust_dir, timestamp_key=args.timestamp_key,
     )
     service = FleetService(config)
     stop = threading.Event()

@@ -22,9 +22,11 @@ def _parser() -> argparse.ArgumentParser:
         deploy_cmd,
         fleet_cmd,
         inventory_cmd,
+        pki_cmd,
         profiles_cmd,
         release_cmd,
         rollout_cmd,
+        trust_cmd,
     )
 
     parser = argparse.ArgumentParser(prog="edgeops", description="Build, sign and ship ML models to edge fleets.")
@@ -40,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     rollout_cmd.add_parsers(sub)
     inventory_cmd.add_parsers(sub)
     fleet_cmd.add_parser(sub)
+    pki_cmd.add_parser(sub)
+    trust_cmd.add_parser(sub)
     return parser
 
 

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgeops.cli.broker_options import add_broker_options
 from edgeops.release import DEFAULT_CHUNK_SIZE, ReleaseMetadata
 
 if TYPE_CHECKING:
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 
     from edgeops.release_builder import PublishedRelease
     from edgeops.release_server import ReleaseServer
+    from edgeops.trust_repo import TrustFeed
 
 __all__ = ["add_parser"]
 
@@ -38,9 +40,26 @@ FLUSH_TIMEOUT_S = 10.0  # seconds to wait for the broker to acknowledge the meta
 
 def _broker_options(p: argparse.ArgumentParser, *, required: bool) -> None:
     p.add_argument("--broker", required=required, help="mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
-    p.add_argument("--username", help="broker user name")
-    p.add_argument("--password", help="broker password")
-    p.add_argument("--ca", type=Path, help="CA certificate file for mqtts:// (default: the system's)")
+    add_broker_options(p)
+
+
+def _trust_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-dir", type=Path, metavar="DIR",
+                   help="TUF trust directory (edgeops trust init): list releases in its targets (publish: --key "
+                   "must be the targets key) and keep its metadata published retained")
+    p.add_argument("--timestamp-key", type=Path, metavar="KEY",
+                   help="with --trust-dir: the online timestamp key; re-sign snapshot/timestamp when due")
+
+
+def _trust_feed(args: argparse.Namespace) -> TrustFeed | None:
+    from edgeops.errors import ConfigError
+    from edgeops.trust_repo import TrustFeed
+
+    if args.trust_dir is None:
+        if args.timestamp_key is not None:
+            raise ConfigError("--timestamp-key needs --trust-dir")
+        return None
+    return TrustFeed(args.trust_dir, args.fleet, args.timestamp_key)
 
 
 def add_parser(sub: Any) -> None:
@@ -64,6 +83,7 @@ def add_parser(sub: Any) -> None:
     pub.add_argument("--serve", action="store_true", help="keep serving repair requests (until Ctrl-C)")
     pub.add_argument("--duration", type=float, metavar="S", help="with --serve: stop after S seconds")
     pub.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    _trust_options(pub)
     _broker_options(pub, required=False)
     pub.set_defaults(func=_publish)
 
@@ -78,6 +98,7 @@ def add_parser(sub: Any) -> None:
     serve.add_argument("--pubkey", type=Path, help="serve only releases signed by this key")
     serve.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
     serve.add_argument("--json", action="store_true", help="print the statistics as JSON on exit")
+    _trust_options(serve)
     _broker_options(serve, required=True)
     serve.set_defaults(func=_serve_cmd)
 
@@ -157,6 +178,8 @@ def _server(args: argparse.Namespace, releases: Sequence[PublishedRelease]) -> R
         username=args.username,
         password=args.password,
         ca_certs=args.ca,
+        cert_file=args.cert,
+        key_file=args.cert_key,
     )
 
 
@@ -218,10 +241,16 @@ def _publish(args: argparse.Namespace) -> int:
     except OSError as exc:
         return _io_error(exc)
     doc: dict[str, Any] = {**_release_doc(rel), "published": False, "manifest_topic": None}
+    feed = _trust_feed(args)
+    if feed is not None:
+        doc["targets_version"] = feed.repo.add_release(rel.meta.release_id, rel.signed, key)
+        _progress(f"trust: {rel.meta.release_id} listed in targets v{doc['targets_version']}")
     if args.broker is None:
+        if feed is not None:
+            feed.messages()
         _progress("no --broker: built the release store only, nothing published")
     else:
-        doc.update(_announce(args, rel))
+        doc.update(_announce(args, rel, feed))
     if args.json:
         print(json.dumps(doc, indent=2, sort_keys=True))
     else:
@@ -233,12 +262,14 @@ def _publish(args: argparse.Namespace) -> int:
     return 0
 
 
-def _announce(args: argparse.Namespace, rel: PublishedRelease) -> dict[str, Any]:
-    """Publish ``rel``'s metadata and, with --serve, serve it. Raises TransportError."""
+def _announce(args: argparse.Namespace, rel: PublishedRelease, feed: TrustFeed | None) -> dict[str, Any]:
+    """Publish the trust metadata, ``rel``'s metadata and, with --serve, serve it. Raises TransportError."""
     from edgeops.errors import TransportError
     from edgeops.protocol import release_topics
 
     server = _server(args, [rel])
+    if feed is not None:
+        server.set_retained(feed.messages())
     server.start()
     try:
         if not server.flush(FLUSH_TIMEOUT_S):
@@ -247,7 +278,8 @@ def _announce(args: argparse.Namespace, rel: PublishedRelease) -> dict[str, Any]
         out: dict[str, Any] = {"published": True, "manifest_topic": topic}
         if args.serve:
             _progress(f"serving {rel.meta.release_id} (Ctrl-C to stop)")
-            _serve_until_stopped(server, args.duration, None)
+            refresh = None if feed is None else (lambda: server.set_retained(feed.messages()))
+            _serve_until_stopped(server, args.duration, refresh)
             out["stats"] = server.stats()
         return out
     finally:
@@ -281,12 +313,17 @@ def _serve_cmd(args: argparse.Namespace) -> int:
     if not releases:
         print(f"edgeops: error: no release of fleet {args.fleet} in {args.store}", file=sys.stderr)
         return 1
+    feed = _trust_feed(args)
     server = _server(args, releases)
+    if feed is not None:
+        server.set_retained(feed.messages())
     server.start()
     try:
         _progress(f"serving {len(releases)} release(s) of fleet {args.fleet} (Ctrl-C to stop)")
 
         def rescan() -> None:
+            if feed is not None:
+                server.set_retained(feed.messages())
             for rel in scan.new_releases():
                 _progress(f"serving new release {rel.meta.release_id}")
                 server.add_release(rel)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, cast
@@ -221,7 +221,15 @@ def _planes_op(
     return cursor + size
 
 
-def _run_ops(old_fd: int, patch_fd: int, table: bytes, header: PatchHeader, sizes: SectionSizes, sink: _Output) -> None:
+def _run_ops(
+    old_fd: int,
+    patch_fd: int,
+    table: bytes,
+    header: PatchHeader,
+    sizes: SectionSizes,
+    sink: _Output,
+    on_op: Callable[[], None] | None,
+) -> None:
     literal = _LiteralStream(patch_fd, old_fd, table, header, sizes)
     dctx = zstandard.ZstdDecompressor()
     cursor = HEADER_SIZE + sizes.table + sizes.literal  # next plane payload
@@ -233,11 +241,23 @@ def _run_ops(old_fd: int, patch_fd: int, table: bytes, header: PatchHeader, size
                 sink.write(piece)
         else:
             cursor = _planes_op(old_fd, patch_fd, op, cursor, sink, dctx)
+        if on_op is not None:
+            on_op()
     literal.check_end()
 
 
-def apply_delta(old: Path, patch: Path, out: Path, *, expected_sha256: str | None = None) -> str:
+def apply_delta(
+    old: Path,
+    patch: Path,
+    out: Path,
+    *,
+    expected_sha256: str | None = None,
+    on_op: Callable[[], None] | None = None,
+) -> str:
     """Make NEW from ``old`` and ``patch`` at ``out`` (atomically); return NEW's sha256 (hex).
+
+    ``on_op`` is called after each op's bytes were written to the temp file (the agent's crash point
+    ``ota.apply.record``; progress reporting); what it raises propagates, and the temp file is removed.
 
     Raises DeltaFormatError, IntegrityError, StorageError (see the module docstring); OSError when ``old`` or
     ``patch`` cannot be read.
@@ -255,7 +275,7 @@ def apply_delta(old: Path, patch: Path, out: Path, *, expected_sha256: str | Non
             pass
         with _temp_output(out) as (out_fd, tmp):
             sink = _Output(out_fd, out)
-            _run_ops(old_fd, patch_fd, table, header, sizes, sink)
+            _run_ops(old_fd, patch_fd, table, header, sizes, sink, on_op)
             result = sink.digest.hexdigest()
             if result != header.new_sha256:
                 raise IntegrityError(f"{patch} applied to {old} gives sha256 {result}, not {header.new_sha256}")

@@ -91,6 +91,8 @@ class FleetController:
         username: str | None = None,
         password: str | None = None,
         ca_certs: Path | None = None,
+        cert_file: Path | None = None,
+        key_file: Path | None = None,
     ) -> None:
         """``offline_after_s`` > 0 marks a device offline (with an alert) when nothing was heard from it for that
         long, beyond its last will. Raises ValueError for a bad fleet name."""
@@ -100,6 +102,7 @@ class FleetController:
         self.tick_s, self.offline_after_s, self.command_ttl_s = tick_s, offline_after_s, command_ttl_s
         self._key = command_key
         self._auth = (username, password, ca_certs)
+        self._client_cert = (cert_file, key_file)  # mutual TLS
         self._states: collections.deque[tuple[str, bytes, float]] = collections.deque(maxlen=_MAX_QUEUED_STATES)
         self._connected = threading.Event()
         self._stop = threading.Event()
@@ -152,7 +155,7 @@ class FleetController:
     def _new_client(self) -> mqtt.Client:
         username, password, ca_certs = self._auth
         client = new_mqtt_client(self.client_id, tls=self.broker.tls, ca_certs=ca_certs, username=username,
-                                 password=password)
+                                 password=password, cert_file=self._client_cert[0], key_file=self._client_cert[1])
         client.max_inflight_messages_set(1000)
         client.reconnect_delay_set(*_RECONNECT_DELAY_S)
         client.on_connect, client.on_disconnect, client.on_message = self._on_connect, self._on_disconnect, self._on_msg

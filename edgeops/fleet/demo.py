@@ -1,10 +1,12 @@
 """``edgeops demo``: the whole flow on one machine, with real parts.
 
-mosquitto on a free port → the digits CNN (examples/digits, trained offline) built for one profile as v1 and a
-fine-tuned v2 → both published as releases (v2 as a delta from v1) → the fleet service (store, controller, ingest,
-release server, dashboard) → a simulated fleet of real agents (FleetSim: real slot stores, runtimes and MQTT
-sessions) in two groups → v1 rolled out to both groups, then v2 with a canary → a live summary until every device
-runs v2, then the dashboard stays up until Ctrl-C (or exit at once with ``--exit-when-done``).
+A fleet PKI and a TUF trust repository (edgeops pki / edgeops trust) → mosquitto on a free port, mutual TLS with a
+per-device ACL → the digits CNN (examples/digits, trained offline) built for one profile as v1 and a fine-tuned v2
+→ both published as releases (v2 as a delta from v1), listed in the TUF targets → the fleet service (store,
+controller, ingest, release server keeping the trust metadata fresh, dashboard) → a simulated fleet of real agents
+(FleetSim: real slot stores, runtimes and MQTT sessions, each with its own certificate and the TUF root) in two
+groups → v1 rolled out to both groups, then v2 with a canary → a live summary until every device runs v2, then the
+dashboard stays up until Ctrl-C (or exit at once with ``--exit-when-done``).
 
 Guarantees: every process and thread it starts is stopped on the way out, Ctrl-C included; the work directory
 keeps the built artifacts so that a second run skips the builds. It needs mosquitto installed (it says the one
@@ -61,26 +63,48 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _start_broker(workdir: Path, stack: ExitStack) -> str:
-    port = _free_port()
+def _start_broker(workdir: Path, stack: ExitStack, pki: Path, port: int) -> str:
+    """mosquitto run by the PKI's config (mutual TLS, ACL, CRL on ``port``) plus the demo's logging."""
     conf = workdir / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+    conf.write_text((pki / "mosquitto.conf").read_text() + "\npersistence false\n"
                     f"log_dest file {workdir / 'mosquitto.log'}\nuser {pwd.getpwuid(os.getuid()).pw_name}\n"
                     "max_queued_messages 100000\n")
     proc = subprocess.Popen([_mosquitto(), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
     def stop() -> None:
         proc.terminate()
         proc.wait(timeout=10)
 
     stack.callback(stop)
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return f"mqtt://127.0.0.1:{port}"
+                return f"mqtts://127.0.0.1:{port}"
         except OSError:
             time.sleep(0.05)
     raise TransportError(f"mosquitto did not start (see {workdir / 'mosquitto.log'})")
+
+
+def _security(opts: DemoOptions, port: int, release_keys: Path, fleet_keys: Path) -> tuple[Path, Path]:
+    """A fresh fleet PKI (broker, fleet service and one certificate per device) and TUF trust repository (the
+    demo's build key as the artifacts role, its fleet key as the commands role). Returns (pki dir, trust dir)."""
+    from edgeops.pki import init_pki, issue_device
+    from edgeops.signing import load_private_key
+    from edgeops.trust_repo import init_repo
+
+    pki, trust = opts.workdir / "pki", opts.workdir / "trust"
+    for d in (pki, trust):
+        shutil.rmtree(d, ignore_errors=True)
+    init_pki(pki, fleet=opts.fleet, port=port, broker_hosts=("127.0.0.1", "localhost"))
+    half = opts.devices // 2
+    for i in range(opts.devices):
+        issue_device(pki, f"dev-{i:04d}", groups=["lab"] if i < half else ["field"])
+    repo = init_repo(trust, fleet=opts.fleet, artifacts_key=release_keys / "signing.pub",
+                     commands_key=fleet_keys / "signing.pub")
+    repo.publish_timestamp(load_private_key(repo.keys_dir / "timestamp.key"))
+    _say(f"fleet PKI in {pki} ({opts.devices} device certificates, broker ACL); TUF trust root v1 in {trust}")
+    return pki, trust
 
 
 def _http_address(wanted: str) -> str:
@@ -135,14 +159,20 @@ def _keys(workdir: Path) -> tuple[Path, Path]:
     return release_keys, fleet_keys
 
 
-def _publish(opts: DemoOptions, keys: Path, v1: Path, v2: Path) -> tuple[str, str]:
+def _publish(opts: DemoOptions, trust: Path, v1: Path, v2: Path) -> tuple[str, str]:
+    """Both releases signed with the targets key and listed in the trust repository's targets."""
     from edgeops.release_builder import build_release
     from edgeops.signing import load_private_key
+    from edgeops.trust_repo import load_repo
 
-    key = load_private_key(keys / "signing.key")
+    repo = load_repo(trust)
+    key = load_private_key(repo.keys_dir / "targets.key")
     store = opts.workdir / "releases"
+    shutil.rmtree(store, ignore_errors=True)
     r1 = build_release(v1, [], fleet=opts.fleet, key=key, store=store)
     r2 = build_release(v2, [v1], fleet=opts.fleet, key=key, store=store)
+    for rel in (r1, r2):
+        repo.add_release(rel.meta.release_id, rel.signed, key)
     full = next(p for p in r2.meta.payloads if p.kind.value == "full")
     delta = [p for p in r2.meta.payloads if p.kind.value == "delta"]
     if delta:
@@ -200,25 +230,32 @@ def run_demo(opts: DemoOptions) -> int:
     opts.workdir.mkdir(parents=True, exist_ok=True)
     release_keys, fleet_keys = _keys(opts.workdir)
     v1, v2 = _build_models(opts, release_keys)
-    r1, r2 = _publish(opts, release_keys, v1, v2)
+    port = _free_port()
+    pki, trust = _security(opts, port, release_keys, fleet_keys)
+    r1, r2 = _publish(opts, trust, v1, v2)
     db = str(opts.workdir / "fleet.db")
     for suffix in ("", "-wal", "-shm"):  # a fresh fleet every run (the builds above are kept)
         Path(db + suffix).unlink(missing_ok=True)
     shutil.rmtree(opts.workdir / "fleet", ignore_errors=True)
     with ExitStack() as stack:
-        broker = _start_broker(opts.workdir, stack)
-        _say(f"mosquitto on {broker}")
+        broker = _start_broker(opts.workdir, stack, pki, port)
+        _say(f"mosquitto on {broker} (mutual TLS: every client shows a certificate of the fleet CA)")
         service = FleetService(ServiceConfig(
             fleet=opts.fleet, broker_url=broker, db=db, release_dir=opts.workdir / "releases",
             command_key=load_private_key(fleet_keys / "signing.key"), http=_http_address(opts.http),
-            housekeeping_s=1.0))
+            housekeeping_s=1.0, ca_certs=pki / "ca.crt", cert_file=pki / "fleet.crt", key_file=pki / "fleet.key",
+            trust_dir=trust, timestamp_key=trust / "keys" / "timestamp.key"))
         service.start()
         stack.callback(service.stop)
         half = opts.devices // 2
+        def tls(i: int) -> dict[str, dict[str, str]]:
+            own = pki / "devices" / f"dev-{i:04d}"
+            files = {"ca_file": own / "ca.crt", "cert_file": own / "device.crt", "key_file": own / "device.key"}
+            return {"broker": {k: str(v.resolve()) for k, v in files.items()}}
+
         sim = FleetSim(opts.workdir / "fleet", n=opts.devices, fleet=opts.fleet, profile=opts.profile,
-                       broker_url=broker, trusted_keys=[release_keys / "signing.pub"],
-                       command_keys=[fleet_keys / "signing.pub"], telemetry_interval_s=2.0, id_prefix="dev",
-                       groups=lambda i: ["lab"] if i < half else ["field"])
+                       broker_url=broker, trust_root=trust / "metadata" / "root" / "1.json", telemetry_interval_s=2.0,
+                       id_prefix="dev", groups=lambda i: ["lab"] if i < half else ["field"], extra=tls)
         sim.start()
         stack.callback(sim.stop)
         _say(f"dashboard: {service.url}   ({opts.devices} agents: dev-0000..{opts.devices - 1:04d}, groups lab/field)")

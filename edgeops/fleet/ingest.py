@@ -33,6 +33,7 @@ from collections.abc import Iterable, Mapping
 from enum import Enum
 from typing import Any
 
+from edgeops import bounded_json
 from edgeops.errors import TelemetryRejected
 from edgeops.fleet.model import Alert, AlertKind, EventRow, IngestBatch, TelemetryRow
 from edgeops.protocol import TOPIC_ROOT, validate_segment
@@ -49,7 +50,6 @@ __all__ = [
     "classify_topic",
     "parse_event",
     "parse_telemetry",
-    "too_deep",
 ]
 
 MAX_MESSAGE_BYTES = 64 * 1024  # a telemetry or event payload; larger ones are "oversized"
@@ -103,33 +103,19 @@ def _no_constants(name: str) -> Any:
 MAX_DEPTH = 16  # nesting of a stored payload (the agent's is 4 deep); deeper ones could not be encoded again
 
 
-def too_deep(doc: Any, limit: int = MAX_DEPTH) -> bool:
-    """Whether ``doc`` nests lists/objects more than ``limit`` deep (iterative: no recursion of its own)."""
-    stack: list[tuple[Any, int]] = [(doc, 1)]
-    while stack:
-        node, depth = stack.pop()
-        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
-        for child in children:
-            if isinstance(child, (dict, list)):
-                if depth + 1 > limit:
-                    return True
-                stack.append((child, depth + 1))
-    return False
-
-
 def _load(device_id: str, payload: bytes | bytearray, what: str) -> dict[str, Any]:
     if not isinstance(payload, (bytes, bytearray)):
         raise TypeError(f"payload must be bytes, got {type(payload).__name__}")
     if len(payload) > MAX_MESSAGE_BYTES:
         raise _reject(RejectReason.OVERSIZED, f"{device_id}: {what} of {len(payload)} bytes")
+    if bounded_json.nesting_depth(payload) > MAX_DEPTH:  # before parsing: json.loads recurses in C
+        raise _reject(RejectReason.MALFORMED, f"{device_id}: {what} nests deeper than {MAX_DEPTH} levels")
     try:
-        doc = json.loads(bytes(payload), parse_constant=_no_constants)
+        doc = json.loads(bytes(payload), parse_constant=_no_constants)  # depth checked above
     except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise _reject(RejectReason.MALFORMED, f"{device_id}: {what} is not JSON") from None
     if not isinstance(doc, dict):
         raise _reject(RejectReason.MALFORMED, f"{device_id}: {what} is not a JSON object")
-    if too_deep(doc):
-        raise _reject(RejectReason.MALFORMED, f"{device_id}: {what} nests deeper than {MAX_DEPTH} levels")
     named = doc.get("device", device_id)
     if named != device_id:
         raise _reject(RejectReason.DEVICE_MISMATCH, f"{what} on {device_id}'s topic names {str(named)[:64]!r}")

@@ -120,13 +120,16 @@ class IngestWorker:
         username: str | None = None,
         password: str | None = None,
         ca: Path | None = None,
+        cert_file: Path | None = None,
+        key_file: Path | None = None,
         session_expiry_s: int = 3600,
         receive_maximum: int = 2000,
         store_busy_timeout_s: float = 5.0,
     ) -> None:
         """Configure (nothing connects before :meth:`start`). ``rules`` None: the default rules with every
         profile's latency budget. Raises ValueError for a bad URL, fleet, share group or limit; TransportError
-        when the CA file cannot be loaded."""
+        when the CA, certificate or key file cannot be loaded; KeyFileError for a client key that group or
+        others may read."""
         self._broker = parse_broker_url(broker_url)
         self.fleet = validate_segment(fleet, "fleet")
         validate_segment(share_group, "share group")
@@ -165,11 +168,12 @@ class IngestWorker:
         self._started = False
         self._stopped = False
         self._writer_failed = False
-        self._client = self._make_client(username, password, ca)
+        self._client = self._make_client(username, password, ca, cert_file, key_file)
 
-    def _make_client(self, username: str | None, password: str | None, ca: Path | None) -> mqtt.Client:
+    def _make_client(self, username: str | None, password: str | None, ca: Path | None, cert_file: Path | None,
+                     key_file: Path | None) -> mqtt.Client:
         client = new_mqtt_client(self.client_id, tls=self._broker.tls, ca_certs=ca, username=username,
-                                 password=password)
+                                 password=password, cert_file=cert_file, key_file=key_file)
         client.manual_ack_set(True)
         client.reconnect_delay_set(1, 30)
         client.on_connect = self._on_connect

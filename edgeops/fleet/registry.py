@@ -17,8 +17,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from edgeops import bounded_json
 from edgeops.errors import TelemetryRejected
-from edgeops.fleet.ingest import MAX_DEPTH, too_deep
+from edgeops.fleet.ingest import MAX_DEPTH
 from edgeops.fleet.model import DeviceRecord
 from edgeops.protocol import validate_segment
 
@@ -68,14 +69,14 @@ def parse_state(device_id: str, payload: bytes, *, received_at: float) -> StateU
         return None
     if len(payload) > MAX_STATE_BYTES:
         raise TelemetryRejected("oversized", f"{device_id}: state of {len(payload)} bytes")
+    if bounded_json.nesting_depth(payload) > MAX_DEPTH:  # before parsing: json.loads recurses in C
+        raise TelemetryRejected("malformed", f"{device_id}: state nests deeper than {MAX_DEPTH} levels")
     try:
         doc = json.loads(payload, parse_constant=lambda c: math.nan)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; RecursionError: nested too deep
         raise TelemetryRejected("malformed", f"{device_id}: state is not JSON") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("online"), bool):
         raise TelemetryRejected("malformed", f"{device_id}: state is not an object with a boolean 'online'")
-    if too_deep(doc):
-        raise TelemetryRejected("malformed", f"{device_id}: state nests deeper than {MAX_DEPTH} levels")
     if doc.get("device", device_id) != device_id:
         raise TelemetryRejected("device-mismatch", f"state on {device_id}'s topic names {doc.get('device')!r}")
     if not doc["online"]:

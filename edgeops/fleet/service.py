@@ -18,15 +18,16 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgeops.errors import EdgeopsError
+from edgeops.errors import ConfigError, EdgeopsError
 from edgeops.fleet.controller import FleetController
 from edgeops.fleet.release_registry import sync_releases
 from edgeops.fleet.store import open_store
 from edgeops.protocol import parse_broker_url
+from edgeops.trust_repo import TrustFeed
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -60,8 +61,12 @@ class ServiceConfig:
     rate_per_s: float = 5.0  # telemetry + events per device per second, sustained
     burst: float = 20.0
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # never in a log line
     ca_certs: Path | None = None
+    cert_file: Path | None = None  # client certificate for mutual TLS (the PKI's fleet.crt)
+    key_file: Path | None = None
+    trust_dir: Path | None = None  # TUF trust directory: its metadata is kept published retained
+    timestamp_key: Path | None = None  # the online timestamp key: re-sign snapshot/timestamp before they expire
 
 
 class FleetService:
@@ -75,6 +80,7 @@ class FleetService:
         self._stop = threading.Event()
         self._house: threading.Thread | None = None
         self._last_compact = 0.0
+        self._trust: TrustFeed | None = None
 
     @property
     def url(self) -> str | None:
@@ -95,21 +101,28 @@ class FleetService:
         from edgeops.release_server import ReleaseServer
 
         c = self.config
+        if c.timestamp_key is not None and c.trust_dir is None:
+            raise ConfigError("a timestamp key needs a trust directory (--trust-dir)")
         broker = parse_broker_url(c.broker_url)
         self.controller = FleetController(
             broker=broker, fleet=c.fleet, store_url=c.db, command_key=c.command_key, tick_s=c.tick_s,
             offline_after_s=c.offline_after_s, client_id=f"edgeops-controller-{c.fleet}", ca_certs=c.ca_certs,
-            username=c.username, password=c.password,
+            username=c.username, password=c.password, cert_file=c.cert_file, key_file=c.key_file,
         )
         synced = self._sync()
         self.releases = ReleaseServer(broker, c.fleet, list(synced), client_id=f"edgeops-releases-{c.fleet}",
-                                      ca_certs=c.ca_certs, username=c.username, password=c.password)
+                                      ca_certs=c.ca_certs, username=c.username, password=c.password,
+                                      cert_file=c.cert_file, key_file=c.key_file)
         self._served = {r.meta.release_id for r in synced}
+        if c.trust_dir is not None:
+            self._trust = TrustFeed(c.trust_dir, c.fleet, c.timestamp_key)
+            self.releases.set_retained(self._trust.messages())
         self.releases.start()
         for i in range(c.ingest_workers):
             worker = IngestWorker(broker_url=c.broker_url, fleet=c.fleet, store_url=c.db,
                                   client_id=f"edgeops-ingest-{c.fleet}-{i}", rate_per_s=c.rate_per_s, burst=c.burst,
-                                  ca=c.ca_certs, username=c.username, password=c.password)
+                                  ca=c.ca_certs, username=c.username, password=c.password,
+                                  cert_file=c.cert_file, key_file=c.key_file)
             self.workers.append(worker)
             worker.start()
         self.controller.start()
@@ -139,6 +152,8 @@ class FleetService:
                 log.warning("housekeeping: %s", exc)
 
     def _house_once(self, now: float) -> None:
+        if self._trust is not None and self.releases is not None:
+            self.releases.set_retained(self._trust.messages())
         for rel in self._sync():
             if rel.meta.release_id not in self._served and self.releases is not None:
                 self.releases.add_release(rel)

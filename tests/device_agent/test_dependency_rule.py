@@ -20,6 +20,8 @@ LIGHT_CORE = {
     "edgeops.atomic_file",
     "edgeops.protocol",
     "edgeops.release",
+    "edgeops.trust",
+    "edgeops.bounded_json",
     "edgeops.delta",
 }
 

@@ -1,8 +1,9 @@
 """A real mosquitto broker for tests, on a free 127.0.0.1 port in its own work directory.
 
 Tests can stop, kill and restart it on the same port (to test reconnects, spooling and the last will) and add
-configuration lines (TLS listeners, ACLs) through ``extra_config``. Its log is ``workdir/mosquitto.log``; a
-start that fails raises RuntimeError with the log's tail.
+configuration lines (TLS listeners, ACLs) through ``extra_config``. :meth:`MosquittoBroker.tls` runs the
+configuration ``edgeops pki init`` wrote (mutual TLS, CRL, ACL) on a free port instead of the plain listener.
+Its log is ``workdir/mosquitto.log``; a start that fails raises RuntimeError with the log's tail.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import subprocess
 import time
 from pathlib import Path
 
-__all__ = ["MosquittoBroker", "free_port", "mosquitto_binary"]
+__all__ = ["MosquittoBroker", "free_port", "mosquitto_binary", "pki_listener_config"]
 
 _START_TIMEOUT_S = 10.0
 
@@ -38,13 +39,26 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def pki_listener_config(pki_dir: Path, port: int) -> str:
+    """``pki_dir/mosquitto.conf`` (from ``edgeops pki init``) with its listener moved to ``127.0.0.1:port``."""
+    lines = (Path(pki_dir) / "mosquitto.conf").read_text().splitlines()
+    return "\n".join(f"listener {port} 127.0.0.1" if ln.startswith("listener ") else ln for ln in lines) + "\n"
+
+
 class MosquittoBroker:
     """One mosquitto process; ``start``/``stop``/``kill``/``restart`` keep the same port."""
 
     def __init__(
-        self, workdir: Path, port: int | None = None, extra_config: str = "", *, persistence: bool = False
+        self,
+        workdir: Path,
+        port: int | None = None,
+        extra_config: str = "",
+        *,
+        persistence: bool = False,
+        plain_listener: bool = True,
     ) -> None:
         self.workdir = Path(workdir)
+        self._plain_listener = plain_listener  # False: extra_config brings the listener(s) and the auth settings
         self._port = port if port is not None else free_port()
         self._extra_config = extra_config
         self._persistence = persistence  # True: sessions and retained messages survive stop()/restart()
@@ -53,6 +67,23 @@ class MosquittoBroker:
         self.log_path = self.workdir / "mosquitto.log"
         self.config_path = self.workdir / "mosquitto.conf"
         self._stderr_path = self.workdir / "mosquitto.stderr"
+
+    @classmethod
+    def tls(cls, workdir: Path, pki_dir: Path, *, persistence: bool = False) -> MosquittoBroker:
+        """A broker run by ``pki_dir/mosquitto.conf`` on a free 127.0.0.1 port: mutual TLS only (client certificate
+        required, CN = user name), the PKI's CRL and ACL; no plain listener. Connect with :attr:`tls_url`."""
+        port = free_port()
+        return cls(workdir, port, pki_listener_config(pki_dir, port), persistence=persistence, plain_listener=False)
+
+    @property
+    def tls_url(self) -> str:
+        return f"mqtts://{self.host}:{self._port}"
+
+    def reload(self) -> None:
+        """SIGHUP: mosquitto re-reads its configuration and the ACL file."""
+        if self._proc is None or self._proc.poll() is not None:
+            raise RuntimeError("mosquitto is not running")
+        self._proc.send_signal(signal.SIGHUP)
 
     @property
     def host(self) -> str:
@@ -71,9 +102,9 @@ class MosquittoBroker:
         return self._proc is not None and self._proc.poll() is None
 
     def _config(self) -> str:
+        plain = [f"listener {self._port} {self.host}", "allow_anonymous true"] if self._plain_listener else []
         lines = [
-            f"listener {self._port} {self.host}",
-            "allow_anonymous true",
+            *plain,
             f"persistence {'true' if self._persistence else 'false'}",
             f"persistence_location {self.workdir}/",
             f"log_dest file {self.log_path}",

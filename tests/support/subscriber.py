@@ -10,6 +10,7 @@ import json
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -20,12 +21,15 @@ from paho.mqtt.properties import Properties
 
 class Collector:
     def __init__(self, host: str, port: int, topics: list[str], *, client_id: str = "collector",
-                 persistent: bool = False) -> None:
+                 persistent: bool = False, tls: tuple[Path, Path, Path] | None = None) -> None:
+        """``tls``: (CA certificate, client certificate, client key) for a mutual-TLS broker."""
         self.messages: list[tuple[str, bytes, bool]] = []
         self._cond = threading.Condition()
         self._topics = topics
         self._subscribed = threading.Event()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        if tls is not None:
+            self.client.tls_set(ca_certs=str(tls[0]), certfile=str(tls[1]), keyfile=str(tls[2]))
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda *a, **k: self._subscribed.set()

@@ -27,6 +27,11 @@ def test_demo_reaches_v2_on_every_device_and_cleans_up(tmp_path: Path, digits_di
     assert "v2 published as a delta from v1" in out
     assert re.search(r"dashboard: http://127\.0\.0\.1:\d+", out)
     assert "v2 on all devices (4/4)" in out and out.rstrip().endswith("demo stopped cleanly")
-    port = int(re.search(r"mosquitto on mqtt://127\.0\.0\.1:(\d+)", out).group(1))  # type: ignore[union-attr]
+    port = int(re.search(r"mosquitto on mqtts://127\.0\.0\.1:(\d+)", out).group(1))  # type: ignore[union-attr]
+    # the fleet ran over mutual TLS in TUF mode: each agent had its own certificate and stored the trusted metadata
+    agent_toml = (tmp_path / "demo" / "fleet" / "dev-0000" / "agent.toml").read_text()
+    assert "[trust]" in agent_toml and "dev-0000/device.crt" in agent_toml and "trusted_keys" not in agent_toml
+    stored = tmp_path / "demo" / "fleet" / "dev-0003" / "data" / "trust"
+    assert {p.name for p in stored.iterdir()} >= {"root.json", "timestamp.json", "snapshot.json", "targets.json"}
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
         pass  # the demo's broker is stopped
