@@ -185,7 +185,8 @@ class ModelHost:
         return list(model.manifest.inputs) if model is not None else None
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> InferenceResult:
-        model = self._active  # read once: a swap after this line does not affect this request
+        with self._lock:  # read both once: a swap or rollback after this line does not affect this request
+            model, fallback = self._active, self._fallback
         if model is None:
             raise NoModelError("no model is installed yet")
         prepared, added = prepare_feeds(model.manifest.inputs, feeds)
@@ -193,8 +194,8 @@ class ModelHost:
         try:
             outputs = model.run(prepared)
         except Exception as exc:  # the runtimes raise their own untyped errors; every one counts
-            self._record(False, model)
-            return self._answer_with_fallback(model, feeds, exc)
+            self._record(False, model)  # may start the automatic rollback, which drops self._fallback
+            return self._answer_with_fallback(model, fallback, feeds, exc)
         ms = (time.perf_counter() - t0) * 1e3
         self._record(True, model)
         if self.observer is not None:
@@ -207,10 +208,9 @@ class ModelHost:
         return InferenceResult(outputs, model.version, ms)
 
     def _answer_with_fallback(
-        self, failed: LoadedModel, feeds: Mapping[str, np.ndarray], exc: Exception
+        self, failed: LoadedModel, fallback: LoadedModel | None, feeds: Mapping[str, np.ndarray], exc: Exception
     ) -> InferenceResult:
         log.warning("model %s failed at run time: %s", failed.version, exc)
-        fallback = self._fallback
         if fallback is None or fallback is failed:
             raise EdgeopsError(f"the model failed at run time: {exc}") from None
         prepared, added = prepare_feeds(fallback.manifest.inputs, feeds)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +100,27 @@ def test_runtime_errors_fall_back_then_trigger_rollback(
     back = host.rollback()
     assert back.version == "1.0.0" and host.fallback is None
     assert host.infer({"image": hot}).version == "1.0.0"
+
+
+def test_the_request_that_trips_the_rollback_is_still_answered(
+    artifacts: dict[str, Path], keys_dir: Path, eval_x: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The automatic rollback runs on its own thread; when it finishes before the failing request looks for its
+    fallback (the fallback is then gone: it is the active model), the request is still answered, not a 500."""
+
+    class InlineThread:  # the rollback completes before _record returns: the worst interleaving, every time
+        def __init__(self, target: Callable[..., object], args: tuple[object, ...], **_: object) -> None:
+            self.target, self.args = target, args
+
+        def start(self) -> None:
+            self.target(*self.args)
+
+    monkeypatch.setattr("device_agent.model_host.threading.Thread", InlineThread)
+    host: ModelHost
+    host = ModelHost(HealthConfig(min_errors=1, max_error_rate=0.0), on_runtime_failure=lambda r: host.rollback())
+    host.set_models(_load(artifacts["trap"], keys_dir, "b"), _load(artifacts["v1"], keys_dir, "a"))
+    answer = host.infer({"image": eval_x[:1] * 10})
+    assert answer.version == "1.0.0" and host.active.version == "1.0.0" and host.fallback is None  # type: ignore[union-attr]
 
 
 def test_runtime_error_without_fallback_is_an_error(
