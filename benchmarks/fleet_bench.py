@@ -846,15 +846,15 @@ class Ctx:
     notes: list[str] = field(default_factory=list)
 
 
-def start_sims(ctx: Ctx, n: int, broker_url: str, root: Path,
-               logs: Path) -> list[tuple[subprocess.Popen[bytes], Path, Path]]:
+def start_sims(ctx: Ctx, n: int, broker_url: str, root: Path, logs: Path, *,
+               prefix_base: str = "a") -> list[tuple[subprocess.Popen[bytes], Path, Path]]:
     """FleetSim children of at most ``--per-process`` agents each, sizes as even as possible; (process, ready
-    file, log) of each."""
+    file, log) of each. Device ids start with ``prefix_base`` + the child's number."""
     k_procs = -(-n // ctx.args.per_process)
     out = []
     for k in range(k_procs):
         count = n // k_procs + (1 if k < n % k_procs else 0)  # as even as possible
-        prefix = f"a{k}"
+        prefix = f"{prefix_base}{k}"
         sim_root = root / prefix
         cfg = {"root": str(sim_root), "n": count, "fleet": FLEET, "profile": PROFILE, "broker": broker_url,
                "release_pub": str(ctx.arts.release_pub), "command_pub": str(ctx.arts.command_pub), "group": GROUP,

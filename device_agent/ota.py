@@ -15,6 +15,14 @@ of the agent, the device and the broker (the transfer store keeps chunks and fla
 broadcast while the agent was away in its persistent session); every refusal or failure is an ``ota.rejected`` or
 ``ota.failed`` event with an :class:`~edgeops.release.OtaReason` code, and the active model keeps serving
 throughout. MQTT callbacks only parse, check and write chunks; the apply and install run on a worker thread.
+
+A full disk is not a failure: before a download starts, the free space must hold the download, the applied
+target (delta payloads) and the slot copy plus ``SPACE_SLACK_BYTES``; when it does not, or when a write still
+meets a full disk (download, apply, slot copy, state commit), whatever was written is removed and the release
+stays wanted (``ota-wanted.json``): one ``ota.deferred`` event (reason ``disk-full``, bytes needed and free), the
+state's ``ota`` phase ``waiting-for-space``, and a new try once that much space is free (looked at every
+``SPACE_POLL_S``), at once on a new ``ota-update`` for the release, and after a restart. Other storage errors
+(an I/O error, a file size limit) end the update with ``ota.failed`` (``storage``) as before.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from device_agent import disk_space
 from device_agent.fault_points import fault_point
 from device_agent.ota_receiver import Assembler, ChunkOutcome, select_payload
 from device_agent.transfer_store import Transfer, TransferStore
@@ -46,6 +55,9 @@ __all__ = ["OtaClient"]
 
 log = logging.getLogger(__name__)
 TICK_S = 0.1  # how often the repair timer looks at the download
+SPACE_POLL_S = 5.0  # how often a release waiting for disk space looks at the free space again
+MAX_RETRY_S = 300.0  # the longest wait between two tries of a release that met a full disk
+SPACE_SLACK_BYTES = 1 << 20  # kept free beyond an update's own files (state.json, the spool, logs)
 
 
 def _sha256_file(path: Path) -> str:
@@ -65,9 +77,29 @@ def _record_applied() -> None:
 _WAIT_FOR_TRUST = frozenset({OtaReason.MISSING_METADATA.value, OtaReason.EXPIRED_METADATA.value})
 
 
+def _space_needed(meta: ReleaseMetadata, payload: Payload) -> int:
+    """Bytes an update through ``payload`` writes: the download, the applied target (delta) and the slot copy."""
+    applied = meta.target_size if payload.kind is PayloadKind.DELTA else 0
+    return payload.size + applied + meta.target_size
+
+
+@dataclass
+class _Deferred:
+    """A release that met a full disk: tried again once ``need`` bytes are free, not before ``not_before``."""
+
+    release_id: str
+    version: str
+    raw: bytes  # the signed release metadata, verified again at the next try
+    need: int | None  # bytes that must be free for the next try; None: try at ``not_before`` regardless
+    not_before: float  # monotonic seconds
+    free: int | None  # bytes free when last looked at
+    tries: int = 1
+
+
 @dataclass
 class _Download:
     meta: ReleaseMetadata
+    raw: bytes
     payload: Payload
     transfer: Transfer
     assembler: Assembler
@@ -90,9 +122,11 @@ class OtaClient:
         self._lock = threading.RLock()
         self._wanted: str | None = None
         self._awaiting_trust: tuple[str, bytes] | None = None  # release metadata that arrived before the trust chain
+        self._deferred: _Deferred | None = None  # the wanted release, waiting for disk space
         self._dl: _Download | None = None
         self._jobs: queue.Queue[_Download | None] = queue.Queue()
         self._stop = threading.Event()
+        self._downloading = threading.Event()  # set (under _lock) while _dl is set: the repair timer sleeps otherwise
         self._threads = [
             threading.Thread(target=self._apply_worker, name="ota-apply", daemon=True),
             threading.Thread(target=self._repair_timer, name="ota-repair", daemon=True),
@@ -125,6 +159,7 @@ class OtaClient:
 
     def stop(self) -> None:
         self._stop.set()
+        self._downloading.set()  # wakes the repair timer to see _stop
         self._jobs.put(None)
         for t in self._threads:
             if t.is_alive():
@@ -137,8 +172,13 @@ class OtaClient:
             dl = self._dl
             if dl is not None and dl.meta.release_id == release_id:
                 return {"release_id": release_id, "status": "downloading", **dl.assembler.progress()}
+            deferred = self._deferred
+            if deferred is not None and deferred.release_id == release_id:  # asked again: try now, space or not
+                deferred.need, deferred.not_before = None, 0.0
+                return {"release_id": release_id, "status": "retrying", "reason": OtaReason.DISK_FULL.value}
             if dl is not None and not dl.applying:
                 self._drop(dl, "replaced by a request for " + release_id)
+            self._deferred = None
             self._wanted = release_id
             write_bytes_atomic(self._wanted_file, json.dumps({"release_id": release_id}).encode())
             fault_point("ota.requested")
@@ -150,6 +190,16 @@ class OtaClient:
             if self._dl is not None:
                 phase = "applying" if self._dl.applying else "downloading"
                 return {"phase": phase, "version": self._dl.meta.version, **self._dl.assembler.progress()}
+            d = self._deferred
+            if d is not None:
+                return {
+                    "phase": "waiting-for-space",
+                    "release_id": d.release_id,
+                    "version": d.version,
+                    "reason": OtaReason.DISK_FULL.value,
+                    "need_bytes": d.need,
+                    "free_bytes": d.free,
+                }
             if self._wanted is not None:
                 return {"phase": "waiting-for-metadata", "release_id": self._wanted}
         return None
@@ -229,10 +279,15 @@ class OtaClient:
         except ReleaseRejected as exc:
             self._reject(meta.release_id, exc)
             return
+        short = self._shortfall(meta, payload)
+        if short is not None:
+            need, free = short
+            self._defer(meta, payload, raw, f"{need} bytes needed for the download and the install, {free} free")
+            return
         try:
             transfer = self.transfers.begin(raw, meta, payload)
         except StorageError as exc:
-            self._fail(meta.release_id, OtaReason.STORAGE, str(exc))
+            self._storage_failed(meta, payload, raw, exc)
             return
         assembler = Assembler(
             meta,
@@ -242,8 +297,10 @@ class OtaClient:
             repair_min_interval_s=self.cfg.repair_min_interval_s,
             started_at=time.monotonic(),
         )
-        dl = _Download(meta, payload, transfer, assembler, time.monotonic())
+        dl = _Download(meta, raw, payload, transfer, assembler, time.monotonic())
         self._dl = dl
+        self._deferred = None
+        self._downloading.set()
         self._wanted = meta.release_id
         self.agent.reporter.event(
             "ota.started",
@@ -288,7 +345,7 @@ class OtaClient:
                 dl.transfer.write_chunk(chunk.index, chunk.data)
             except StorageError as exc:
                 self._drop(dl, str(exc))
-                self._fail(dl.meta.release_id, OtaReason.STORAGE, str(exc))
+                self._storage_failed(dl.meta, dl.payload, dl.raw, exc)
                 return
             dl.assembler.mark_stored(chunk.index, time.monotonic())
             fault_point("ota.chunk.stored")
@@ -319,10 +376,92 @@ class OtaClient:
 
     # -- repair requests -------------------------------------------------------------------------------------
     def _repair_timer(self) -> None:
-        while not self._stop.wait(TICK_S):
+        while True:
+            self._downloading.wait()  # no wake-ups while there is no download (a fleet of idle agents stays idle)
+            if self._stop.wait(TICK_S):
+                return
             with self._lock:
-                if self._dl is not None and not self._dl.applying:
+                if self._dl is None and self._deferred is None:
+                    self._downloading.clear()
+                elif self._dl is not None and not self._dl.applying:
                     self._request_repairs(self._dl)
+                retry = self._due_retry()
+            if retry is not None:
+                try:
+                    self._on_metadata_bytes(retry.release_id, retry.raw)
+                except Exception:  # the timer must outlive a bug in one try; logged with its traceback
+                    log.exception("ota: trying %s again failed", retry.release_id)
+
+    # -- a full disk -----------------------------------------------------------------------------------------
+    def _shortfall(self, meta: ReleaseMetadata, payload: Payload) -> tuple[int, int] | None:
+        """(bytes needed, bytes free) when the data disk lacks room for this update's files, else None. What the
+        transfer store holds counts as free: a resumed download keeps it, another one is discarded."""
+        slot = meta.target_size
+        download = max(0, _space_needed(meta, payload) - slot - self.transfers.allocated_bytes())
+        ota_root, slot_root = self.transfers.root, self.agent.store.root
+        if disk_space.same_filesystem(ota_root, slot_root):
+            checks = [(ota_root, download + slot + SPACE_SLACK_BYTES)]
+        else:
+            checks = [(ota_root, download + SPACE_SLACK_BYTES), (slot_root, slot + SPACE_SLACK_BYTES)]
+        for path, need in checks:
+            free = disk_space.free_bytes(path)
+            if free is not None and free < need:
+                return need, free
+        return None
+
+    def _storage_failed(
+        self,
+        meta: ReleaseMetadata,
+        payload: Payload,
+        raw: bytes,
+        exc: StorageError,
+        reason: OtaReason = OtaReason.STORAGE,
+    ) -> None:
+        """A write failed and what it wrote is removed: a full disk defers the release, anything else fails it."""
+        if disk_space.is_disk_full(exc):
+            self._defer(meta, payload, raw, str(exc))
+        else:
+            self._fail(meta.release_id, reason, str(exc))
+
+    def _defer(self, meta: ReleaseMetadata, payload: Payload, raw: bytes, detail: str) -> None:
+        """Keep wanting ``meta``'s release, try it again once the update's bytes are free; reported once per streak."""
+        need = _space_needed(meta, payload) + SPACE_SLACK_BYTES
+        free = disk_space.free_bytes(self.transfers.root)
+        with self._lock:
+            d = self._deferred
+            again = d is not None and d.release_id == meta.release_id
+            tries = d.tries + 1 if d is not None and again else 1
+            wait = min(SPACE_POLL_S * 2 ** (tries - 1), MAX_RETRY_S)
+            self._deferred = _Deferred(meta.release_id, meta.version, raw, need, time.monotonic() + wait, free, tries)
+            self._wanted = meta.release_id
+            self._downloading.set()  # the repair timer tries it again
+            self._update_subscriptions()
+        log.warning("ota: %s waits for disk space (try %d): %s", meta.release_id, tries, detail)
+        if not again:
+            self.agent.reporter.event(
+                "ota.deferred",
+                release_id=meta.release_id,
+                version=meta.version,
+                reason=OtaReason.DISK_FULL.value,
+                detail=detail,
+                need_bytes=need,
+                free_bytes=free,
+            )
+            self.agent.reporter.publish_state()
+
+    def _due_retry(self) -> _Deferred | None:
+        """The deferred release when it is time to try it again (the caller holds the lock)."""
+        d = self._deferred
+        now = time.monotonic()
+        if d is None or self._dl is not None or now < d.not_before:
+            return None
+        if d.need is not None:
+            d.free = disk_space.free_bytes(self.transfers.root)
+            if d.free is not None and d.free < d.need:
+                d.not_before = now + SPACE_POLL_S
+                return None
+        d.not_before = now + MAX_RETRY_S  # the try defers it again (with its own wait) or starts the download
+        return d
 
     # -- apply and install (worker thread) -------------------------------------------------------------------
     def _apply_worker(self) -> None:
@@ -366,14 +505,18 @@ class OtaClient:
             return
         except StorageError as exc:
             self._drop(dl, str(exc))
-            self._fail(rid, OtaReason.STORAGE, str(exc))
+            self._storage_failed(dl.meta, dl.payload, dl.raw, exc)
             return
         fault_point("ota.applied")
         try:
             gate = self.agent.install(target, source=f"ota:{rid}")
-        except (UntrustedInput, StorageError) as exc:  # install already reported install.rejected
+        except UntrustedInput as exc:  # install already reported install.rejected
             self._drop(dl, str(exc))
             self._fail(rid, OtaReason.INSTALL_FAILED, str(exc))
+            return
+        except StorageError as exc:  # the slot copy or the state commit
+            self._drop(dl, str(exc))
+            self._storage_failed(dl.meta, dl.payload, dl.raw, exc, OtaReason.INSTALL_FAILED)
             return
         fault_point("ota.installed")
         stats = {"seconds": round(time.monotonic() - dl.started, 3), **dl.assembler.progress()}
@@ -408,6 +551,8 @@ class OtaClient:
             if self._wanted == release_id:
                 self._wanted = None
                 self._wanted_file.unlink(missing_ok=True)
+            if self._deferred is not None and self._deferred.release_id == release_id:
+                self._deferred = None
             if self._dl is not None and self._dl.meta.release_id == release_id:
                 self._drop(self._dl, "finished")
             else:

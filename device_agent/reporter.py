@@ -2,7 +2,12 @@
 
 - :meth:`Reporter.event` and :meth:`Reporter.telemetry` write to the SQLite spool first (durable, bounded,
   ordered) and wake the outbox, which publishes them when the broker is reachable. They never block on the
-  network and never raise for a storage problem (logged instead: telemetry must not stop inference).
+  network and never raise for a storage problem (telemetry must not stop inference): a message the spool
+  refuses (a full disk) is held in a bounded RAM buffer (:mod:`device_agent.spool_fallback`) and moved into the
+  spool, in order, at the next put that succeeds; what that buffer had to drop is counted and reported as a
+  ``spool.dropped`` event (``reason`` ``disk-full`` or ``storage``) once the spool takes writes again. The
+  retained state carries ``spool`` (pending, dropped, held, lost, error) and is re-published when the spool
+  starts and stops refusing writes, so a full disk shows at once even though no event can be spooled.
 - :meth:`Reporter.publish_state` publishes the retained state directly when connected; it is not spooled
   (only the latest state matters) and is re-published on every (re)connect by the link's ``on_connect``.
 - The last will marks the device offline when its connection drops; a clean stop publishes an offline state
@@ -22,6 +27,7 @@ from device_agent.config import AgentConfig
 from device_agent.mqtt_link import BrokerSettings, MqttLink, Will
 from device_agent.outbox import Outbox
 from device_agent.spool import Spool
+from device_agent.spool_fallback import SpoolFallback
 from edgeops.errors import EdgeopsError, StorageError, TransportError
 from edgeops.protocol import device_topics, group_cmd_topic, parse_broker_url
 
@@ -66,6 +72,7 @@ class Reporter:
         self.topics = device_topics(cfg.fleet, cfg.device_id)
         self._state = state
         self.spool = Spool(Path(cfg.data_dir) / "spool.sqlite", max_messages=cfg.telemetry.spool_max_messages)
+        self.fallback = SpoolFallback(self.spool.put_json)
         self.link: MqttLink | None = None
         self.outbox: Outbox | None = None
         if connect:
@@ -115,6 +122,7 @@ class Reporter:
             self.outbox.stop(timeout)
             final = _json({"device": self.cfg.device_id, "online": False, "reason": "shutdown", "ts": time.time()})
             self.link.stop(final=(self.topics.state, final), timeout=timeout)
+        self.fallback.close()
         self.spool.close()
 
     @property
@@ -122,13 +130,27 @@ class Reporter:
         return self.link is not None and self.link.connected
 
     def _spool(self, topic: str, doc: dict[str, Any]) -> None:
-        try:
-            self.spool.put_json(topic, doc)
-        except StorageError as exc:
-            log.error("cannot spool a message for %s: %s", topic, exc)
-            return
-        if self.outbox is not None:
+        failing = self.fallback.error is not None
+        stored = self.fallback.put(topic, doc)
+        if stored and self.outbox is not None:
             self.outbox.wake()
+        if stored == failing:  # the spool started or stopped refusing writes: the fleet sees it in the state
+            self.publish_state()
+        lost = self.fallback.take_lost() if stored else None
+        if lost is not None:
+            self.event(
+                "spool.dropped",
+                count=lost.count,
+                reason=lost.reason,
+                detail=lost.detail,
+                first_ts=lost.first_ts,
+                last_ts=lost.last_ts,
+            )
+
+    def spool_status(self) -> dict[str, Any]:
+        """The spool as telemetry and the state report it: pending, dropped (by the bound), and the RAM fallback's
+        held, held_bytes, lost (could not be stored) and error (the spool's, while it refuses writes)."""
+        return {"pending": self.spool.pending(), "dropped": self.spool.dropped, **self.fallback.status()}
 
     def event(self, kind: str, **fields: Any) -> None:
         """Report an event (install, rollback, health, drift, command ...) through the spool."""
@@ -142,6 +164,8 @@ class Reporter:
     def _on_connect(self) -> None:
         self.publish_state()
         self.report_spool_drops()
+        if self.outbox is not None:  # what was spooled while offline goes now, not at the outbox's next idle check
+            self.outbox.wake()
 
     def report_spool_drops(self) -> None:
         """A ``spool.dropped`` event for what the spool bound dropped since the last report. Called on connect and
@@ -154,13 +178,14 @@ class Reporter:
             log.warning("spool drops not reported: %s", exc)
             return
         if dropped:
-            self.event("spool.dropped", count=dropped, total=self.spool.dropped)
+            self.event("spool.dropped", count=dropped, total=self.spool.dropped, reason="bound")
 
     def publish_state(self) -> None:
         """Publish the retained state now when connected (called on every connect too)."""
         if self.link is None:
             return
         doc = {"device": self.cfg.device_id, "online": True, "ts": time.time(), **self._state()}
+        doc["spool"] = self.spool_status()
         try:
             self.link.publish(self.topics.state, _json(doc), qos=1, retain=True)
         except (TransportError, EdgeopsError) as exc:
