@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 # Debian/Ubuntu packages: python3-venv when venv is missing, mosquitto for the MQTT tests, chromium for the
-# dashboard's browser test (Playwright drives /usr/bin/chromium; its own browser download is not used).
+# dashboard's browser test (Playwright drives /usr/bin/chromium; its own browser download is not used), faketime
+# (libfaketime) for the clock-skew tests (tests/support/skewed_clock.py skews the agent's clock with it).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 system-venv:
 	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-venv
@@ -27,6 +28,9 @@ system-deps: system-mosquitto
 	@[ -x /usr/bin/chromium ] || \
 	  { echo "installing chromium (apt)"; $(SUDO) apt-get update -qq && \
 	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+	@ls /usr/lib/*/faketime/libfaketimeMT.so.1 >/dev/null 2>&1 || \
+	  { echo "installing faketime (apt)"; $(SUDO) apt-get update -qq && \
+	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime; }
 
 system-mosquitto:
 	@command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || \

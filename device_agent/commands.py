@@ -5,6 +5,12 @@ command's nonce so the sender can match it: ``command.rejected`` (with the guard
 bad-signature, expired, replayed, wrong-target ...), or ``command.accepted`` followed by ``command.done`` (with
 a result) or ``command.failed`` (with the reason). Commands run on one worker thread, in arrival order, so
 paho's network thread is never blocked by an install; a full queue rejects with ``busy``.
+
+A refusal for the validity window (``expired``, ``not-yet-valid``) of a correctly signed command also carries
+``device_time``, ``issued_at``, ``expires_at`` (UTC, ISO 8601) and ``clock_offset_s`` (signed issue time minus
+device time: how far the device's clock is behind, negative when ahead, plus the delivery delay), and is logged as
+a warning: a device clock off by a day shows as such. The clock is read for each command (``time.time``), so a
+clock stepped by NTP takes effect at the next command.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from device_agent.command_guard import CommandGuard, SqliteNonceStore
+from device_agent.command_guard import CommandClockRejected, CommandGuard, SqliteNonceStore
 from edgeops.errors import CommandRejected, EdgeopsError
 from edgeops.protocol import Command, CommandName, peek_nonce
 from edgeops.signing import load_public_key
@@ -62,6 +68,17 @@ class CommandDispatcher:
         events = self.agent.reporter
         try:
             cmd = self.guard.check(payload, now=time.time())
+        except CommandClockRejected as exc:  # signed, but outside its window by this device's clock
+            log.warning("command refused (%s): %s", exc.reason, exc.detail)
+            events.event(
+                "command.rejected",
+                reason=exc.reason,
+                detail=exc.detail,
+                topic=topic,
+                nonce=peek_nonce(payload),
+                **exc.fields(),
+            )
+            return
         except CommandRejected as exc:
             events.event(
                 "command.rejected", reason=exc.reason, detail=exc.detail, topic=topic, nonce=peek_nonce(payload)

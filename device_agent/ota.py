@@ -55,7 +55,7 @@ __all__ = ["OtaClient"]
 
 log = logging.getLogger(__name__)
 TICK_S = 0.1  # how often the repair timer looks at the download
-SPACE_POLL_S = 5.0  # how often a release waiting for disk space looks at the free space again
+SPACE_POLL_S = 2.0  # how often a release waiting for disk space looks at the free space again
 MAX_RETRY_S = 300.0  # the longest wait between two tries of a release that met a full disk
 SPACE_SLACK_BYTES = 1 << 20  # kept free beyond an update's own files (state.json, the spool, logs)
 

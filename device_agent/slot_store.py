@@ -13,8 +13,9 @@ Guarantees:
 - :meth:`SlotStore.stage` never touches the active or the previous slot. It copies the artifact into a temp
   file beside the candidate slot, fsyncs it, verifies it *from that file* (structure, signature by a trusted
   key, every file hash, profile = the device's, version newer than the anti-rollback floor), renames it into
-  place and fsyncs the directory. A kill at any point leaves the old slot file or the complete new one, and
-  ``state.json`` unchanged; the state never names a slot whose bytes changed under it.
+  place and fsyncs the directory. A kill or a full disk at any point leaves the old slot file or the complete new
+  one; the candidate slot's old version is dropped from ``state.json`` before its file is replaced, so the state
+  never names a slot whose bytes changed under it.
 - :meth:`SlotStore.commit` is the only moment a swap becomes durable: ``state.json`` is replaced atomically
   (temp, fsync, rename, fsync dir). The floor only moves up, so a version rolled away from cannot come back.
 - :meth:`SlotStore.verify_slot` re-verifies a slot from disk; the agent calls it before it loads anything.
@@ -181,6 +182,9 @@ class SlotStore:
             artifact = verify_artifact(tmp, self.trusted_keys, max_bytes=self.max_artifact_bytes)
             self.check_manifest(artifact)
             fault_point("stage.verified")
+            if slot in self._state.versions:  # forgotten before its bytes change: the state never names stale ones
+                versions = {k: v for k, v in self._state.versions.items() if k != slot}
+                self._write_state(dataclasses.replace(self._state, versions=versions))
             os.replace(tmp, self.path(slot))
             fsync_dir(self.root)
             fault_point("stage.renamed")
@@ -188,9 +192,6 @@ class SlotStore:
             raise StorageError(f"cannot write slot {slot}: {exc.strerror or exc}") from None
         finally:
             tmp.unlink(missing_ok=True)
-        if slot in self._state.versions:  # the candidate slot's old version no longer describes its bytes
-            versions = {k: v for k, v in self._state.versions.items() if k != slot}
-            self._write_state(dataclasses.replace(self._state, versions=versions))
         return slot, dataclasses.replace(artifact, path=self.path(slot))
 
     @staticmethod

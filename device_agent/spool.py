@@ -18,6 +18,10 @@ Guarantees:
 - **Never stops the agent over a bad file.** A spool file that is not a database (or fails SQLite's quick
   check) at open is renamed aside to ``<name>.corrupt-<unix ts>`` (with its ``-wal``/``-shm`` files) and a new,
   empty spool is started; a warning is logged.
+- **Opens on a full disk.** When the ``-shm`` file WAL mode needs cannot be made (SQLITE_IOERR_SHMOPEN or
+  _SHMSIZE), the file is opened in exclusive locking mode, which keeps that index in memory (logged): the agent
+  starts, its puts fail with StorageError until space returns, then work again. Other processes cannot read the
+  file until the agent restarts.
 - **Thread-safe.** One connection (``check_same_thread=False``) behind one lock.
 
 Errors: a file that cannot be created or written (read-only or missing data directory, disk full) raises
@@ -46,6 +50,9 @@ from edgeops.errors import StorageError
 __all__ = ["Spool", "SpooledMessage"]
 
 log = logging.getLogger(__name__)
+
+# no room to create or extend the -shm file (disk full, file size limit): sqlite3.SQLITE_IOERR_SHMOPEN / _SHMSIZE
+_NO_ROOM_FOR_SHM = frozenset({4618, 4874})
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -92,7 +99,13 @@ class Spool:
         try:
             self._conn = self._open()
         except sqlite3.OperationalError as exc:
-            raise StorageError(f"cannot open spool {self._path}: {exc}") from exc
+            if getattr(exc, "sqlite_errorcode", None) not in _NO_ROOM_FOR_SHM:
+                raise StorageError(f"cannot open spool {self._path}: {exc}") from exc
+            log.warning("spool %s: cannot make its -shm file (disk full?); opened in exclusive mode", self._path)
+            try:
+                self._conn = self._open(exclusive=True)
+            except sqlite3.Error as exc2:
+                raise StorageError(f"cannot open spool {self._path}: {exc2}") from exc2
         except sqlite3.DatabaseError as exc:
             self._set_aside(exc)
             try:
@@ -103,9 +116,11 @@ class Spool:
         self._pending = int(self._conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
         self._dropped = self._meta("dropped_total")
 
-    def _open(self) -> sqlite3.Connection:
+    def _open(self, *, exclusive: bool = False) -> sqlite3.Connection:
         conn = sqlite3.connect(str(self._path), check_same_thread=False, isolation_level=None, timeout=5.0)
         try:
+            if exclusive:  # before WAL is entered: the wal-index then lives in this process's memory, not in -shm
+                conn.execute("PRAGMA locking_mode=EXCLUSIVE").fetchone()
             conn.execute("PRAGMA journal_mode=WAL").fetchone()
             conn.execute("PRAGMA synchronous=FULL")
             check = conn.execute("PRAGMA quick_check(1)").fetchone()

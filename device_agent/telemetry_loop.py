@@ -3,7 +3,8 @@
 Request-path hooks (:meth:`TelemetryLoop.observe`) only append to bounded in-memory windows; the loop thread
 builds the message and hands it to the reporter (spool first). Drift is measured against the active model's
 signed reference histograms and restarts when the model changes; a change of drift level (ok → warn → alert)
-is also reported as a ``drift`` event. Dropped spool messages are reported as a ``spool.dropped`` event.
+is also reported as a ``drift`` event. Dropped spool messages are reported as a ``spool.dropped`` event; each
+message carries the spool's state (pending, dropped, and the RAM fallback's held / lost / error on a full disk).
 """
 
 from __future__ import annotations
@@ -101,7 +102,6 @@ class TelemetryLoop:
         agent = self.agent
         drift = self._drift.snapshot_and_reset() if self._drift is not None else None
         self._drift_values = 0
-        spool = agent.reporter.spool
         doc = {
             "model_version": agent.active_version(),
             "interval_s": self.interval_s,
@@ -110,7 +110,7 @@ class TelemetryLoop:
             "resources": self.probe.sample(),
             "drift": drift,
             "health": agent.health(),
-            "spool": {"pending": spool.pending(), "dropped": spool.dropped},
+            "spool": agent.reporter.spool_status(),
         }
         agent.reporter.telemetry(doc)
         if drift is not None and drift.get("level") in ("ok", "warn", "alert") and drift["level"] != self._drift_level:

@@ -262,6 +262,17 @@ class TransferStore:
             raise
         return Transfer(meta.release_id, payload, meta.chunk_size, directory, fds[0], fds[1], flags)
 
+    def allocated_bytes(self) -> int:
+        """Bytes the transfers under ``root`` take on disk now: what discarding them all would give back."""
+        total = 0
+        for directory, _dirs, files in os.walk(self.root):
+            for name in files:
+                try:
+                    total += os.lstat(os.path.join(directory, name)).st_blocks * 512
+                except OSError:  # removed meanwhile
+                    continue
+        return total
+
     def discard(self, release_id: str) -> None:
         """Remove a release's transfer directory (nothing when there is none).
 

@@ -104,7 +104,8 @@ class OtaReason(str, Enum):
     NO_PAYLOAD = "no-payload"  # no delta from the device's base and no full artifact
     BAD_CHUNK = "bad-chunk"  # a chunk whose bytes do not match the signed hash
     RESULT_MISMATCH = "result-mismatch"  # the applied delta / downloaded artifact is not the announced target
-    STORAGE = "storage"  # the device could not store the download (disk full)
+    STORAGE = "storage"  # the device could not store the download (I/O error, file size limit, read-only)
+    DISK_FULL = "disk-full"  # no room for the download or the install: the device retries when space frees
     UNKNOWN_RELEASE = "unknown-release"  # a repair request for a release the publisher does not serve
     INSTALL_FAILED = "install-failed"  # the artifact was refused by the slot store or the health gate
     # update trust (edgeops.trust, TUF metadata)

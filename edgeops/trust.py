@@ -105,12 +105,27 @@ def _reject(reason: OtaReason, detail: str) -> ReleaseRejected:
     return ReleaseRejected(reason.value, detail[:200])
 
 
+def _utc_text(when: dt.datetime) -> str:
+    """``2026-01-31T12:00:00Z``: how expiry and device times read in a refusal."""
+    return when.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _expired(what: str, expires: dt.datetime | None, now: dt.datetime) -> ReleaseRejected:
+    """expired-metadata, saying when it expired and what the device's clock read: a clock running ahead is the
+    common cause on a device (no RTC, no NTP), a freeze the other."""
+    when = f" expired {_utc_text(expires)}" if expires is not None else ""
+    return _reject(OtaReason.EXPIRED_METADATA, f"{what}{when}; device clock {_utc_text(now)} (ahead? or a freeze)")
+
+
 @contextlib.contextmanager
-def _as_rejection(what: str) -> Iterator[None]:
-    """Turn python-tuf's errors (and its parsers' stray ones on hostile bytes) into ReleaseRejected."""
+def _as_rejection(what: str, now: dt.datetime | None = None) -> Iterator[None]:
+    """Turn python-tuf's errors (and its parsers' stray ones on hostile bytes) into ReleaseRejected; ``now`` is
+    the reference time, named in an expiry refusal."""
     try:
         yield
     except tuf_errors.ExpiredMetadataError as exc:
+        if now is not None:
+            raise _expired(f"{what}: {exc}", None, now) from None
         raise _reject(OtaReason.EXPIRED_METADATA, f"{what}: {exc}") from None
     except tuf_errors.BadVersionNumberError as exc:
         raise _reject(OtaReason.METADATA_ROLLBACK, f"{what}: {exc or 'version goes back'}") from None
@@ -241,7 +256,8 @@ class TrustSession:
         """Load timestamp, snapshot and targets: the device's own last trusted copies (``local``, by role name;
         used for rollback protection and when nothing newer was published) then the received ones.
 
-        Raises ReleaseRejected: expired-metadata (root, timestamp, snapshot or targets past their expiry: a freeze),
+        Raises ReleaseRejected: expired-metadata (root, timestamp, snapshot or targets past their expiry at ``now``:
+        a freeze, or a device clock running ahead; the detail names the expiry and ``now``),
         metadata-rollback (a version lower than one trusted before, or not the one the newer role names),
         untrusted-metadata (not signed by a threshold of the role's keys in the trusted root), metadata-mismatch
         (length or hash not the one the timestamp/snapshot names), malformed, oversized; missing-metadata when a
@@ -271,8 +287,14 @@ class TrustSession:
             else:
                 due = fresh and not self._current(role)
             if due and remote is not None:
-                with _as_rejection(f"{role} metadata"):
-                    loader(_sized(remote, role))
+                try:
+                    with _as_rejection(f"{role} metadata", s.reference_time):
+                        loader(_sized(remote, role))
+                except ReleaseRejected as exc:
+                    # python-tuf keeps an expired new timestamp/snapshot loaded: name its expiry in the refusal
+                    if exc.reason == OtaReason.EXPIRED_METADATA.value and self._expired_role(role):
+                        self._raise_stale(role)
+                    raise
                 chosen[role] = bytes(remote)
             if not self._current(role):
                 self._raise_stale(role)
@@ -306,15 +328,20 @@ class TrustSession:
             return not s.snapshot.is_expired(now) and s.snapshot.version == s.timestamp.snapshot_meta.version
         return not s.targets.is_expired(now) and s.targets.version == self._targets_version_due()
 
+    def _expired_role(self, role: str) -> bool:
+        s = self._set
+        return role in s and bool(s[role].is_expired(s.reference_time))
+
     def _raise_stale(self, role: str) -> None:
         s = self._set
+        now = s.reference_time
         if role not in s:
-            if role == Timestamp.type and s.root.is_expired(s.reference_time):
-                raise _reject(OtaReason.EXPIRED_METADATA, f"root v{s.root.version} expired {s.root.expires}")
+            if role == Timestamp.type and s.root.is_expired(now):
+                raise _expired(f"root v{s.root.version}", s.root.expires, now)
             raise _reject(OtaReason.MISSING_METADATA, f"no {role} metadata received")
         signed = s[role]
-        if signed.is_expired(s.reference_time):
-            raise _reject(OtaReason.EXPIRED_METADATA, f"{role} v{signed.version} expired {signed.expires} (freeze?)")
+        if signed.is_expired(now):
+            raise _expired(f"{role} v{signed.version}", signed.expires, now)
         raise _reject(OtaReason.METADATA_ROLLBACK, f"{role} v{signed.version} is not the version its parent names")
 
 
